@@ -1,0 +1,333 @@
+"""Reading and writing volumes and label maps: NIfTI, NRRD, MHA/MHD, DICOM series, Slicer ``.seg.nrrd``.
+
+Every reader returns SimpleITK images with the file's geometry untouched and refuses, with an
+:class:`~GuidedSegLib.errors.InputFileError` naming the file, anything that is not a readable 3D
+scalar volume. Every writer writes to a temporary file beside the target and renames it, so a
+crash never leaves a half-written file under the real name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputFileError
+from .geometry import Grid, embed_in_grid
+from .labels import label_colour, normalise_name
+
+SEGMENTATION_SUFFIX = ".seg.nrrd"
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+PathLike = "str | os.PathLike[str]"
+
+
+def file_suffix(path: PathLike) -> str:
+    """The format-defining suffix of ``path`` ('.seg.nrrd', '.nii.gz', ...), or 'dicom' for a folder."""
+    p = Path(path)
+    if p.is_dir():
+        return "dicom"
+    name = p.name.lower()
+    for suffix in (SEGMENTATION_SUFFIX, *IMAGE_SUFFIXES):
+        if name.endswith(suffix):
+            return suffix
+    raise InputFileError(path, "unsupported file type; use .nii, .nii.gz, .nrrd, .seg.nrrd, .mha, .mhd "
+                               "or a folder holding one DICOM series")
+
+
+def case_id_from_path(path: PathLike) -> str:
+    """The file name without its image suffix: '/a/liver_7.nii.gz' -> 'liver_7'."""
+    p = Path(path)
+    suffix = file_suffix(p)
+    return p.name if suffix == "dicom" else p.name[: -len(suffix)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Volumes
+
+
+def read_image(path: PathLike, *, allow_non_finite: bool = False) -> sitk.Image:
+    """Read a 3D scalar volume from a file or a DICOM series folder.
+
+    Refuses (InputFileError naming the file): missing or unreadable files, 2D images, 4D images
+    with more than one frame, vector images, volumes with a single slice, and NaN or infinite
+    voxels (unless ``allow_non_finite``).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputFileError(path, "no such file or folder")
+    suffix = file_suffix(p)
+    if suffix == SEGMENTATION_SUFFIX:
+        return read_label_map(p).image
+    if suffix == "dicom":
+        image = _read_dicom_series(p)
+    else:
+        try:
+            image = sitk.ReadImage(str(p))
+        except RuntimeError as error:
+            raise InputFileError(path, f"cannot be read as an image ({_first_line(error)})") from None
+    image = _as_3d_scalar(image, path)
+    if not allow_non_finite and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        bad = int(np.count_nonzero(~np.isfinite(sitk.GetArrayViewFromImage(image))))
+        if bad:
+            raise InputFileError(path, f"contains {bad} NaN or infinite voxels")
+    return image
+
+
+def read_grid(path: PathLike) -> Grid:
+    """The grid of an image file from its header alone (cheap: voxels are not read)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputFileError(path, "no such file or folder")
+    if file_suffix(p) == "dicom":
+        return Grid.of(read_image(p))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise InputFileError(path, f"cannot be read as an image ({_first_line(error)})") from None
+    if reader.GetDimension() != 3:
+        raise InputFileError(path, f"is {reader.GetDimension()}D; a 3D volume is needed")
+    direction = reader.GetDirection()
+    return Grid(tuple(reader.GetSize()), tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(direction))
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputFileError(folder, "holds no DICOM series")
+    if len(series) > 1:
+        raise InputFileError(folder, f"holds {len(series)} DICOM series ({', '.join(series)}); "
+                                     "put the one to use in a folder of its own")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise InputFileError(folder, f"DICOM series cannot be read ({_first_line(error)})") from None
+
+
+def _as_3d_scalar(image: sitk.Image, path: PathLike) -> sitk.Image:
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputFileError(path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+                                   "a scalar volume is needed")
+    dimension = image.GetDimension()
+    if dimension == 4 and image.GetSize()[3] == 1:
+        image = sitk.Extract(image, list(image.GetSize()[:3]) + [0], [0, 0, 0, 0])
+        dimension = 3
+    if dimension != 3:
+        raise InputFileError(path, f"is {dimension}D with size {list(image.GetSize())}; a 3D volume is needed")
+    if min(image.GetSize()) < 2:
+        raise InputFileError(path, f"has size {list(image.GetSize())}: a single slice is not a 3D volume")
+    return image
+
+
+def write_image(image: sitk.Image, path: PathLike, *, compress: bool = True) -> Path:
+    """Write a volume atomically; the format follows the suffix. Returns the path written."""
+    p = Path(path)
+    suffix = file_suffix(p)
+    if suffix in ("dicom", SEGMENTATION_SUFFIX):
+        raise InputFileError(path, "write volumes as .nii.gz, .nii, .nrrd or .mha")
+    if suffix in (".nhdr", ".mhd"):
+        raise InputFileError(path, "detached-header formats are not written atomically; use .nrrd or .mha")
+    with atomic_path(p) as tmp:
+        sitk.WriteImage(image, str(tmp), compress)
+    return p
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix); on success rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{secrets.token_hex(4)}-{path.name}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # ITK puts the useful sentence last ("...: Could not create IO object for reading file").
+    return lines[-1] if lines else error.__class__.__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# Label maps
+
+
+@dataclass
+class LabelMap:
+    """A label map with the names (and display colours) of its values. Background 0 has no name."""
+
+    image: sitk.Image
+    names: dict[int, str]
+    colours: dict[int, tuple[float, float, float]] = field(default_factory=dict)
+
+    def values_present(self) -> list[int]:
+        values = np.unique(sitk.GetArrayViewFromImage(self.image))
+        return [int(v) for v in values if v != 0]
+
+
+def read_label_map(
+    path: PathLike,
+    *,
+    label_names: Mapping[int, str] | None = None,
+    reference: Grid | None = None,
+) -> LabelMap:
+    """Read a label map from a label volume file or a Slicer ``.seg.nrrd``.
+
+    ``label_names`` (value -> name) is the label set the caller works in: segments of a
+    ``.seg.nrrd`` are mapped to these values through their names (case, spaces and dashes are
+    ignored), and a segment whose name is not in the set is refused. Where segments overlap
+    (several layers), the smaller segment wins. Without ``label_names`` a ``.seg.nrrd`` keeps its
+    own label values (numbered in segment order when layers overlap).
+
+    ``reference`` is the grid of the image the labels belong to: a label map on the same grid
+    takes it exactly; one saved on a whole-voxel sub-block or super-block of it (Slicer crops
+    ``.seg.nrrd`` files to their content) is placed onto it without interpolation; anything
+    else is refused.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputFileError(path, "no such file")
+    if file_suffix(p) == SEGMENTATION_SUFFIX:
+        label = _read_segmentation_file(p, label_names)
+    else:
+        label = _label_from_volume(read_image(p), p, label_names)
+    if reference is not None:
+        label.image = _onto_reference(label.image, reference, p)
+    return label
+
+
+def _label_from_volume(image: sitk.Image, path: Path, label_names: Mapping[int, str] | None) -> LabelMap:
+    array = sitk.GetArrayFromImage(image)
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise InputFileError(path, "holds non-integer values; a label map holds whole numbers")
+    if array.size and array.min() < 0:
+        raise InputFileError(path, f"holds negative label value {int(array.min())}")
+    top = int(array.max()) if array.size else 0
+    if top > 65535:
+        raise InputFileError(path, f"holds label value {top}; at most 65535 is supported")
+    target = sitk.sitkUInt8 if top <= 255 else sitk.sitkUInt16
+    if image.GetPixelID() != target:
+        image = sitk.Cast(image, target)
+    if label_names:
+        names = {int(v): n for v, n in label_names.items() if int(v) != 0}
+    else:
+        names = {int(v): f"label_{int(v)}" for v in np.unique(array) if v != 0}
+    return LabelMap(image, names, {v: label_colour(n) for v, n in names.items()})
+
+
+def _read_segmentation_file(path: Path, label_names: Mapping[int, str] | None) -> LabelMap:
+    import slicerio
+
+    try:
+        seg = slicerio.read_segmentation(str(path))
+    except Exception as error:  # slicerio/pynrrd raise many kinds for a broken file
+        raise InputFileError(path, f"cannot be read as a Slicer segmentation ({_first_line(error)})") from None
+    voxels = np.asarray(seg["voxels"])
+    if voxels.ndim == 3:
+        voxels = voxels[None]
+    if voxels.ndim != 4:
+        raise InputFileError(path, f"segmentation voxels have {voxels.ndim} dimensions; expected 3 or 4")
+    segments = list(seg.get("segments", []))
+
+    if label_names:
+        by_name = {normalise_name(n): int(v) for v, n in label_names.items() if int(v) != 0}
+        unknown = [s["name"] for s in segments if normalise_name(s["name"]) not in by_name]
+        if unknown:
+            raise InputFileError(path, f"segments {unknown} are not in the label set "
+                                       f"{sorted(by_name, key=by_name.get)}")
+        values = [by_name[normalise_name(s["name"])] for s in segments]
+        names = {int(v): n for v, n in label_names.items() if int(v) != 0}
+    else:
+        own = [int(s["labelValue"]) for s in segments]
+        one_layer = all(int(s.get("layer", 0)) == 0 for s in segments)
+        values = own if one_layer and len(set(own)) == len(own) else list(range(1, len(segments) + 1))
+        names = {v: s["name"] for v, s in zip(values, segments)}
+
+    masks = [voxels[int(s.get("layer", 0))] == int(s["labelValue"]) for s in segments]
+    out = np.zeros(voxels.shape[1:], dtype=np.uint8 if max(values, default=0) <= 255 else np.uint16)
+    for index in sorted(range(len(segments)), key=lambda i: -int(masks[i].sum())):  # smaller wins
+        out[masks[index]] = values[index]
+
+    ijk_to_lps = np.asarray(seg["ijkToLPS"], dtype=float)
+    spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(out.transpose(2, 1, 0)))  # (I,J,K) -> (K,J,I)
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin(ijk_to_lps[:3, 3].tolist())
+    image.SetDirection((ijk_to_lps[:3, :3] / spacing[None, :]).flatten().tolist())
+    colours = {v: tuple(float(c) for c in s.get("color", label_colour(s["name"]))) for v, s in zip(values, segments)}
+    for v, n in names.items():
+        colours.setdefault(v, label_colour(n))
+    return LabelMap(image, names, colours)
+
+
+def _onto_reference(label: sitk.Image, reference: Grid, path: Path) -> sitk.Image:
+    own = Grid.of(label)
+    if reference.mismatch(own) is None:
+        return reference.apply(label)
+    try:
+        return embed_in_grid(label, reference)
+    except ValueError as error:
+        raise InputFileError(path, f"does not lie on its image's grid: {error} "
+                                   f"(label grid {own.size}, image grid {reference.size})") from None
+
+
+def write_label_map(
+    label: sitk.Image,
+    path: PathLike,
+    names: Mapping[int, str] | None = None,
+    colours: Mapping[int, tuple[float, float, float]] | None = None,
+) -> Path:
+    """Write a label map atomically: a Slicer ``.seg.nrrd`` (one segment per named value, with its
+    name and colour) or a plain label volume (uint8, or uint16 above 255) for other suffixes."""
+    p = Path(path)
+    array = sitk.GetArrayFromImage(label)
+    top = int(array.max()) if array.size else 0
+    pixel = sitk.sitkUInt8 if top <= 255 else sitk.sitkUInt16
+    if label.GetPixelID() != pixel:
+        label = sitk.Cast(label, pixel)
+    if file_suffix(p) != SEGMENTATION_SUFFIX:
+        return write_image(label, p)
+
+    import slicerio
+
+    names = dict(names or {int(v): f"label_{int(v)}" for v in np.unique(array) if v != 0})
+    missing = sorted(int(v) for v in np.unique(array) if v != 0 and int(v) not in names)
+    if missing:
+        raise ValueError(f"label values {missing} have no name; pass names for every value")
+    grid = Grid.of(label)
+    segments = []
+    for value, name in sorted(names.items()):
+        if int(value) == 0:
+            continue
+        colour = (colours or {}).get(value) or label_colour(name)
+        segments.append({"id": f"Segment_{int(value)}", "name": str(name), "labelValue": int(value), "layer": 0,
+                         "color": [float(c) for c in colour], "nameAutoGenerated": False,
+                         "colorAutoGenerated": False})
+    segmentation = {
+        "voxels": np.ascontiguousarray(array.transpose(2, 1, 0)).astype(np.uint8 if top <= 255 else np.uint16),
+        "ijkToLPS": grid.index_to_physical_matrix(),
+        "segments": segments,
+        "containedRepresentationNames": ["Binary labelmap"],
+        "masterRepresentation": "Binary labelmap",
+        "referenceImageExtentOffset": [0, 0, 0],
+    }
+    with atomic_path(p) as tmp:
+        slicerio.write_segmentation(str(tmp), segmentation)
+    return p

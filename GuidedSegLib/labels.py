@@ -1,0 +1,65 @@
+"""Label sets: names, values and display colours shared by the store, phantoms and the panel."""
+
+from __future__ import annotations
+
+import colorsys
+import hashlib
+
+#: The 13 FLARE22 abdominal organs, in the challenge's label order (value -> name).
+FLARE22_LABELS: dict[int, str] = {
+    1: "liver",
+    2: "kidney_right",
+    3: "spleen",
+    4: "pancreas",
+    5: "aorta",
+    6: "inferior_vena_cava",
+    7: "adrenal_gland_right",
+    8: "adrenal_gland_left",
+    9: "gallbladder",
+    10: "esophagus",
+    11: "stomach",
+    12: "duodenum",
+    13: "kidney_left",
+}
+
+# Colours close to Slicer's GenericAnatomyColors for the same structures (RGB, 0..1).
+_KNOWN_COLOURS: dict[str, tuple[float, float, float]] = {
+    "liver": (0.867, 0.510, 0.396),
+    "kidney_right": (0.725, 0.400, 0.325),
+    "kidney_left": (0.725, 0.400, 0.325),
+    "kidney": (0.725, 0.400, 0.325),
+    "spleen": (0.616, 0.424, 0.635),
+    "pancreas": (0.976, 0.706, 0.435),
+    "aorta": (0.878, 0.380, 0.298),
+    "inferior_vena_cava": (0.000, 0.592, 0.808),
+    "adrenal_gland_right": (0.863, 0.961, 0.078),
+    "adrenal_gland_left": (0.863, 0.961, 0.078),
+    "gallbladder": (0.545, 0.588, 0.384),
+    "esophagus": (0.827, 0.671, 0.561),
+    "stomach": (0.847, 0.514, 0.455),
+    "duodenum": (1.000, 0.992, 0.898),
+    "left_atrium": (0.808, 0.369, 0.310),
+    "brainstem": (0.467, 0.627, 0.784),
+    "spinalcord": (1.000, 0.957, 0.820),
+    "spinal_cord": (1.000, 0.957, 0.820),
+    "rightparotid": (0.753, 0.408, 0.345),
+    "leftparotid": (0.753, 0.408, 0.345),
+    "larynx": (0.706, 0.612, 0.773),
+    "mandible": (0.898, 0.890, 0.800),
+}
+
+
+def normalise_name(name: str) -> str:
+    """Canonical form used to match label names: lower case, spaces and dashes as underscores."""
+    return "_".join(str(name).strip().lower().replace("-", " ").replace("_", " ").split())
+
+
+def label_colour(name: str) -> tuple[float, float, float]:
+    """A stable display colour for a label name (known anatomy colour, else derived from the name)."""
+    key = normalise_name(name)
+    if key in _KNOWN_COLOURS:
+        return _KNOWN_COLOURS[key]
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    hue = digest[0] / 255.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.55 + 0.3 * digest[1] / 255.0, 0.75 + 0.25 * digest[2] / 255.0)
+    return (round(r, 3), round(g, 3), round(b, 3))

@@ -1,0 +1,260 @@
+"""Preprocessing (orient, clip, resample, normalise) and its inverse back onto a scan's own grid.
+
+All parameters live in one serialisable :class:`PreprocessingPlan`; a model bundle stores it and
+inference applies exactly the same steps. :func:`plan_from_dataset` derives a plan from the data
+(spacing and intensity handling, as nnU-Net's planning does); :data:`PRESETS` holds named plans,
+among them the GuidedNet paper's abdominal-CT settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import SimpleITK as sitk
+
+from .geometry import Grid
+
+PLAN_VERSION = 1
+NORMALISATIONS = ("percentile", "zscore", "none")
+
+
+@dataclass(frozen=True)
+class PreprocessingPlan:
+    """How a volume is prepared for a network. Spacings are (x, y, z) in mm.
+
+    orientation: DICOMOrient code the volume is turned to ("LPI": x to patient left, y to
+        posterior, z to inferior).
+    target_spacing: voxel size after resampling; None keeps each scan's own spacing.
+    clip: intensity window applied first (CT: a HU window); None for MRI.
+    normalisation: "percentile" maps the image's [p_low, p_high] percentiles to [0, 1] and
+        clips; "zscore" subtracts the image's mean and divides by its SD; "none" leaves values.
+    """
+
+    modality: str = "CT"
+    orientation: str = "LPI"
+    target_spacing: tuple[float, float, float] | None = (1.25, 1.25, 2.5)
+    clip: tuple[float, float] | None = (-325.0, 325.0)
+    normalisation: str = "percentile"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    source: str = "guidednet-paper"  # which preset or planning produced it
+
+    def __post_init__(self) -> None:
+        if len(self.orientation) != 3 or set(self.orientation.upper()) - set("LRAPSI"):
+            raise ValueError(f"orientation {self.orientation!r} is not a 3-letter code such as 'LPI'")
+        if self.target_spacing is not None and (len(self.target_spacing) != 3 or min(self.target_spacing) <= 0):
+            raise ValueError(f"target_spacing {self.target_spacing} must be three positive numbers (x, y, z)")
+        if self.clip is not None and not (len(self.clip) == 2 and self.clip[0] < self.clip[1]):
+            raise ValueError(f"clip {self.clip} must be (low, high) with low < high")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation {self.normalisation!r} is not one of {NORMALISATIONS}")
+        low, high = self.percentiles
+        if not 0 <= low < high <= 100:
+            raise ValueError(f"percentiles {self.percentiles} must satisfy 0 <= low < high <= 100")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["version"] = PLAN_VERSION
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessingPlan":
+        data = dict(data)
+        version = data.pop("version", PLAN_VERSION)
+        if version > PLAN_VERSION:
+            raise ValueError(f"preprocessing plan version {version} is newer than this GuidedSeg "
+                             f"understands ({PLAN_VERSION}); update GuidedSeg")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown preprocessing settings {unknown}; known: {sorted(known)}")
+        for key in ("target_spacing", "clip", "percentiles"):
+            if data.get(key) is not None:
+                data[key] = tuple(float(v) for v in data[key])
+        return cls(**data)
+
+
+PRESETS: dict[str, PreprocessingPlan] = {
+    # GuidedNet paper (FLARE22 abdominal CT), methods.md section 1.6.
+    "guidednet-paper": PreprocessingPlan(),
+    # MRI: no HU window; per-image percentile normalisation; native spacing unless planned.
+    "mri-native": PreprocessingPlan(modality="MRI", target_spacing=None, clip=None, source="mri-native"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning from data
+
+
+def plan_from_dataset(
+    images: Sequence[sitk.Image],
+    labels: Sequence[sitk.Image | None] | None = None,
+    modality: str = "CT",
+    orientation: str = "LPI",
+) -> PreprocessingPlan:
+    """Derive a plan from the training images, the way nnU-Net's planning does.
+
+    Spacing: the median spacing of each axis (after orientation); when the coarsest axis is more
+    than 3 times the finest, its target is the 10th percentile of that axis instead, so that
+    thick-slice scans are not interpolated into many invented slices.
+    Intensity: CT is clipped to the 0.5 and 99.5 percentiles of the voxels inside labels
+    (of the whole body where no label exists) pooled over cases, then percentile-normalised;
+    MRI and other modalities get no clip and per-image z-score normalisation.
+    """
+    if not images:
+        raise ValueError("cannot plan preprocessing from no images")
+    spacings = np.array([_oriented_spacing(img, orientation) for img in images])
+    target = np.median(spacings, axis=0)
+    if target.max() / target.min() > 3.0:
+        axis = int(np.argmax(target))
+        target[axis] = np.percentile(spacings[:, axis], 10)
+    target = tuple(float(round(s, 4)) for s in target)
+    if modality.upper() != "CT":
+        return PreprocessingPlan(modality=modality, orientation=orientation, target_spacing=target, clip=None,
+                                 normalisation="zscore", source="planned")
+    samples = []
+    rng = np.random.default_rng(0)
+    for index, image in enumerate(images):
+        values = sitk.GetArrayViewFromImage(image)
+        label = labels[index] if labels is not None and index < len(labels) else None
+        mask = sitk.GetArrayViewFromImage(label) > 0 if label is not None else values > -500
+        inside = values[mask] if mask.any() else values.ravel()
+        samples.append(rng.choice(inside, size=min(inside.size, 100_000), replace=False))
+    pooled = np.concatenate(samples).astype(np.float64)
+    low, high = np.percentile(pooled, [0.5, 99.5])
+    if high <= low:
+        high = low + 1.0
+    return PreprocessingPlan(modality="CT", orientation=orientation, target_spacing=target,
+                             clip=(float(round(low, 1)), float(round(high, 1))), source="planned")
+
+
+def _oriented_spacing(image: sitk.Image, orientation: str) -> tuple[float, float, float]:
+    """Spacing an image has once turned to ``orientation`` (axes may be permuted)."""
+    direction = np.abs(np.reshape(image.GetDirection(), (3, 3)))
+    oriented = np.abs(np.reshape(_orientation_direction(orientation), (3, 3)))
+    # Column j of direction is image axis j; match each oriented axis to its closest image axis.
+    order = [int(np.argmax(oriented[:, a] @ direction)) for a in range(3)]
+    return tuple(float(image.GetSpacing()[i]) for i in order)
+
+
+def _orientation_direction(orientation: str) -> tuple[float, ...]:
+    return sitk.DICOMOrientImageFilter.GetDirectionCosinesFromOrientation(orientation.upper())
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+
+
+@dataclass
+class Preprocessed:
+    """A preprocessed volume (float32) and label (uint8/16, or None) plus the grid they came from."""
+
+    image: sitk.Image
+    label: sitk.Image | None
+    source: Grid = field(repr=False)
+
+    @property
+    def grid(self) -> Grid:
+        return Grid.of(self.image)
+
+
+def preprocess(image: sitk.Image, plan: PreprocessingPlan, label: sitk.Image | None = None) -> Preprocessed:
+    """Orient, clip, resample (linear for the image, nearest for the label) and normalise."""
+    source = Grid.of(image)
+    oriented = sitk.DICOMOrient(image, plan.orientation.upper())
+    oriented = sitk.Cast(oriented, sitk.sitkFloat32)
+    if plan.clip is not None:
+        oriented = sitk.Clamp(oriented, sitk.sitkFloat32, float(plan.clip[0]), float(plan.clip[1]))
+    target_grid = resampled_grid(Grid.of(oriented), plan.target_spacing)
+    background = float(plan.clip[0]) if plan.clip is not None else float(np.min(sitk.GetArrayViewFromImage(oriented)))
+    resampled = resample(oriented, target_grid, sitk.sitkLinear, background)
+    normalised = normalise(resampled, plan)
+    out_label = None
+    if label is not None:
+        oriented_label = sitk.DICOMOrient(label, plan.orientation.upper())
+        out_label = resample(oriented_label, target_grid, sitk.sitkNearestNeighbor, 0)
+    return Preprocessed(normalised, out_label, source)
+
+
+def resampled_grid(grid: Grid, spacing: Sequence[float] | None) -> Grid:
+    """The grid covering the same box as ``grid`` with voxels of ``spacing`` (None: unchanged).
+
+    The outer voxel edges are kept (not the first voxel centre), so up- and down-sampling
+    stay centred on the same physical block.
+    """
+    if spacing is None:
+        return grid
+    old_spacing = np.asarray(grid.spacing)
+    new_spacing = np.asarray(spacing, dtype=float)
+    extent = np.asarray(grid.size) * old_spacing
+    size = np.maximum(1, np.round(extent / new_spacing)).astype(int)
+    direction = np.reshape(grid.direction, (3, 3))
+    corner = np.asarray(grid.origin) - direction @ (old_spacing / 2)  # outer edge of voxel 0
+    origin = corner + direction @ (new_spacing / 2)
+    return Grid(tuple(int(s) for s in size), tuple(float(s) for s in new_spacing),
+                tuple(float(o) for o in origin), grid.direction)
+
+
+def resample(image: sitk.Image, grid: Grid, interpolator: int, default_value: float = 0.0) -> sitk.Image:
+    """Resample ``image`` onto ``grid`` in physical space (identity transform)."""
+    if Grid.of(image) == grid:
+        return image
+    return sitk.Resample(image, list(grid.size), sitk.Transform(), interpolator, grid.origin, grid.spacing,
+                         grid.direction, float(default_value), image.GetPixelID())
+
+
+def normalise(image: sitk.Image, plan: PreprocessingPlan) -> sitk.Image:
+    """Apply the plan's intensity normalisation to a float32 image."""
+    if plan.normalisation == "none":
+        return image
+    array = sitk.GetArrayFromImage(image)
+    if plan.normalisation == "percentile":
+        low, high = np.percentile(array, plan.percentiles)
+        scale = high - low if high > low else 1.0
+        array = np.clip((array - low) / scale, 0.0, 1.0, out=array)
+    else:  # zscore
+        sd = float(array.std())
+        array = (array - float(array.mean())) / (sd if sd > 0 else 1.0)
+    out = sitk.GetImageFromArray(array.astype(np.float32, copy=False))
+    out.CopyInformation(image)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Inverse
+
+
+def restore_label(label: sitk.Image, source: Grid) -> sitk.Image:
+    """Bring a label map from preprocessed space back onto the input's own grid (nearest)."""
+    return resample(label, source, sitk.sitkNearestNeighbor, 0)
+
+
+def restore_probabilities(
+    probabilities: np.ndarray | Iterable[np.ndarray],
+    grid: Grid,
+    source: Grid,
+) -> sitk.Image:
+    """Turn class probabilities in preprocessed space into a label map on the input's own grid.
+
+    ``probabilities``: (C, z, y, x) array on ``grid`` (or an iterable of C (z, y, x) arrays).
+    Each class is resampled linearly onto ``source`` and the arg-max kept as it goes, so memory
+    stays at two full-resolution float32 volumes whatever C is. Returns uint8 (uint16 if C > 256).
+    """
+    best = None
+    label = None
+    for value, channel in enumerate(probabilities):
+        moving = grid.apply(sitk.GetImageFromArray(np.asarray(channel, dtype=np.float32)))
+        upsampled = sitk.GetArrayFromImage(resample(moving, source, sitk.sitkLinear, 1.0 if value == 0 else 0.0))
+        if best is None:
+            best = upsampled
+            label = np.zeros(best.shape, dtype=np.uint16)
+        else:
+            better = upsampled > best
+            best[better] = upsampled[better]
+            label[better] = value
+    if label is None:
+        raise ValueError("no probability channels given")
+    dtype = np.uint8 if label.max(initial=0) <= 255 else np.uint16
+    return source.apply(sitk.GetImageFromArray(label.astype(dtype, copy=False)))
+
