@@ -9,8 +9,12 @@ crash never leaves a half-written file under the real name.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import secrets
+import shutil
+import struct
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +72,8 @@ def read_image(path: PathLike, *, allow_non_finite: bool = False) -> sitk.Image:
     if suffix == "dicom":
         image = _read_dicom_series(p)
     else:
+        if suffix in (".nii", ".nii.gz"):
+            _check_nifti_complete(p)
         try:
             image = sitk.ReadImage(str(p))
         except RuntimeError as error:
@@ -97,6 +103,58 @@ def read_grid(path: PathLike) -> Grid:
         raise InputFileError(path, f"is {reader.GetDimension()}D; a 3D volume is needed")
     direction = reader.GetDirection()
     return Grid(tuple(reader.GetSize()), tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(direction))
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a truncated NIfTI file: ITK reads one silently, filling the missing voxels with 0."""
+    compressed = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
+            header = handle.read(540)
+    except (OSError, EOFError) as error:
+        raise InputFileError(path, f"cannot be read as an image ({error})") from None
+    expected = _nifti_file_size(header)
+    if expected is None:
+        return  # not a NIfTI header we know; let ITK judge it
+    if not compressed:
+        actual = path.stat().st_size
+    else:
+        with open(path, "rb") as handle:  # gzip's last 4 bytes: uncompressed size mod 2**32
+            handle.seek(-4, os.SEEK_END)
+            actual = struct.unpack("<I", handle.read(4))[0]
+        if actual == expected % 2**32:
+            return
+        actual = 0
+        try:
+            with gzip.open(path, "rb") as handle:
+                while block := handle.read(1 << 24):
+                    actual += len(block)
+        except (OSError, EOFError, zlib.error):
+            raise InputFileError(path, "is truncated or damaged (its compressed data ends early)") from None
+    if actual < expected:
+        raise InputFileError(path, f"is truncated: {actual} bytes where the header needs {expected}")
+
+
+def _nifti_file_size(header: bytes) -> int | None:
+    """Bytes a NIfTI-1/2 file needs (voxel offset + voxel data), from its header; None if unknown."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    rank = dims[0]
+    if not 1 <= rank <= 7 or bitpix <= 0:
+        return None
+    voxels = int(np.prod([max(1, d) for d in dims[1 : rank + 1]], dtype=np.int64))
+    return offset + voxels * bitpix // 8
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -137,10 +195,26 @@ def write_image(image: sitk.Image, path: PathLike, *, compress: bool = True) -> 
     if suffix in ("dicom", SEGMENTATION_SUFFIX):
         raise InputFileError(path, "write volumes as .nii.gz, .nii, .nrrd or .mha")
     if suffix in (".nhdr", ".mhd"):
-        raise InputFileError(path, "detached-header formats are not written atomically; use .nrrd or .mha")
+        _write_detached(image, p, compress)
+        return p
     with atomic_path(p) as tmp:
         sitk.WriteImage(image, str(tmp), compress)
     return p
+
+
+def _write_detached(image: sitk.Image, path: Path, compress: bool) -> None:
+    """Header + data file pair: written under their final names in a temporary folder beside
+    ``path``, then moved, data first, so the header never names a missing or partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = path.parent / f".tmp-{secrets.token_hex(4)}"
+    folder.mkdir()
+    try:
+        sitk.WriteImage(image, str(folder / path.name), compress)
+        written = sorted(folder.iterdir(), key=lambda f: f.name == path.name)  # header last
+        for file in written:
+            os.replace(file, path.parent / file.name)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,224 @@
+"""The ``guidedseg`` command line: phantoms and the case store (more subcommands join as they come)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import GuidedSegError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except GuidedSegError as error:
+        print(f"guidedseg: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("guidedseg: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guidedseg", description="GuidedSeg: semi-supervised 3D organ segmentation.")
+    parser.add_argument("--version", action="version", version=f"guidedseg {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    phantoms = commands.add_parser("phantoms", help="write a case store of synthetic abdominal CT phantoms",
+                                   description="Write a case store of synthetic abdominal CT phantoms with the 13 "
+                                               "FLARE22 organs: some labeled, most unlabeled, plus a test split.")
+    phantoms.add_argument("out", type=Path, help="folder of the new store (must not hold a store yet)")
+    phantoms.add_argument("--cases", type=int, default=20, help="training cases, labeled + unlabeled (default 20)")
+    phantoms.add_argument("--labeled", type=int, default=4, help="how many training cases are labeled (default 4)")
+    phantoms.add_argument("--test", type=int, default=4, help="test cases with labels (default 4)")
+    phantoms.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same store")
+    phantoms.add_argument("--size", type=int, nargs=3, default=(96, 96, 64), metavar=("X", "Y", "Z"),
+                          help="voxels per case (default 96 96 64)")
+    phantoms.set_defaults(run=_run_phantoms)
+
+    store = commands.add_parser("store", help="create, inspect and add to a case store")
+    store_commands = store.add_subparsers(title="store commands", metavar="STORE_COMMAND")
+
+    create = store_commands.add_parser("create", help="create an empty store with a label set")
+    create.add_argument("store", type=Path)
+    labels = create.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", help="value:name pairs, e.g. '1:liver,2:spleen' (0 is background)")
+    labels.add_argument("--labels-from", type=Path, metavar="JSON",
+                        help="take the label set from a dataset.json or a model bundle's JSON")
+    create.add_argument("--modality", default="CT", help="CT, MRI, ... (default CT)")
+    create.add_argument("--name", help="store name (default: the folder's name)")
+    create.set_defaults(run=_run_create)
+
+    info = store_commands.add_parser("info", help="summarise a store: cases, splits, organs annotated")
+    info.add_argument("store", type=Path)
+    info.add_argument("--check", action="store_true", help="also check that every file is there and lines up")
+    info.add_argument("--json", action="store_true", help="print the summary as JSON")
+    info.set_defaults(run=_run_info)
+
+    add = store_commands.add_parser("add", help="copy an image (and its label) into the store as a new case")
+    add.add_argument("store", type=Path)
+    add.add_argument("--image", type=Path, required=True, help="volume file or DICOM series folder")
+    add.add_argument("--label", type=Path, help="label map (.nii.gz, .nrrd, .seg.nrrd, ...); none: unlabeled")
+    add.add_argument("--id", dest="case_id", help="case id (default: the image's file name)")
+    add.add_argument("--test", action="store_true", help="add as a test case (never used for training)")
+    _annotation_arguments(add)
+    add.set_defaults(run=_run_add)
+
+    ingest = store_commands.add_parser("ingest", help="store a corrected label for an existing case as a new version",
+                                       description="Store a corrected label (a label file or a Slicer .seg.nrrd) "
+                                                   "for an existing case. The previous version is kept.")
+    ingest.add_argument("store", type=Path)
+    ingest.add_argument("--case", required=True, help="case id")
+    ingest.add_argument("--label", type=Path, required=True, help="label map or .seg.nrrd on the case's image grid")
+    _annotation_arguments(ingest)
+    ingest.set_defaults(run=_run_ingest)
+
+    history = store_commands.add_parser("history", help="list a case's label versions with their provenance")
+    history.add_argument("store", type=Path)
+    history.add_argument("case")
+    history.set_defaults(run=_run_history)
+    return parser
+
+
+def _annotation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--annotated", help="organs contoured or checked, comma-separated names or values "
+                                            "(default: the organs present in the label)")
+    parser.add_argument("--absent", help="organs checked and found absent, comma-separated")
+    parser.add_argument("--source", default="cli", help="where the label comes from (recorded as provenance)")
+    parser.add_argument("--model", help="the model bundle that produced the draft, if any (provenance)")
+
+
+def _split_list(text: str | None) -> list[str] | None:
+    return None if text is None else [item.strip() for item in text.split(",") if item.strip()]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _run_phantoms(args: argparse.Namespace) -> int:
+    from .phantoms import write_phantom_store
+
+    store = write_phantom_store(args.out, cases=args.cases, labeled=args.labeled, test=args.test, seed=args.seed,
+                                size=tuple(args.size), progress=lambda text: print(text, flush=True))
+    print(f"wrote {store.root}: {len(store.cases('labeled'))} labeled, {len(store.cases('unlabeled'))} unlabeled, "
+          f"{len(store.cases('test'))} test cases")
+    return 0
+
+
+def _run_create(args: argparse.Namespace) -> int:
+    from .errors import StoreError
+    from .store import CaseStore
+
+    if args.labels_from:
+        try:
+            labels = json.loads(args.labels_from.read_text(encoding="utf-8"))["labels"]
+        except (OSError, ValueError, KeyError) as error:
+            raise StoreError(args.labels_from, f"has no readable 'labels' mapping ({error})") from None
+    else:
+        labels = {}
+        for pair in _split_list(args.labels) or []:
+            value, _, name = pair.partition(":")
+            if not value.strip().isdigit() or not name.strip():
+                raise StoreError(args.store, f"--labels entry {pair!r} is not of the form value:name")
+            labels[int(value)] = name.strip()
+    labels = {int(v): n for v, n in labels.items()}
+    store = CaseStore.create(args.store, labels, name=args.name, modality=args.modality)
+    print(f"created {store.root} with labels {store.organs}")
+    return 0
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from .store import CaseStore
+
+    store = CaseStore(args.store)
+    splits = store.splits()
+    counts = store.annotation_counts("labeled")
+    n_labeled = len(splits.train) + len(splits.validation)
+    summary = {
+        "name": store.name,
+        "root": str(store.root),
+        "modality": store.modality,
+        "labels": {str(v): n for v, n in store.labels.items()},
+        "labeled": n_labeled,
+        "train": len(splits.train),
+        "validation": len(splits.validation),
+        "unlabeled": len(splits.unlabeled),
+        "test": len(splits.test),
+        "annotated": {store.labels[v]: c for v, c in counts.items()},
+        "corrected": sum(1 for c in store.cases("labeled") if c.label_version > 1),
+    }
+    problems = store.verify() if args.check else []
+    if args.check:
+        summary["problems"] = problems
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"{summary['name']}  ({summary['root']})  modality {summary['modality']}")
+        print(f"cases: {n_labeled} labeled ({summary['train']} train / {summary['validation']} validation, "
+              f"{summary['corrected']} with corrected labels), {summary['unlabeled']} unlabeled, {summary['test']} test")
+        width = max([len(n) for n in store.organs.values()] + [5])
+        print(f"{'value':>5}  {'organ':<{width}}  annotated in labeled cases")
+        for value, name in store.organs.items():
+            print(f"{value:>5}  {name:<{width}}  {counts[value]:>3}/{n_labeled}")
+        if args.check:
+            print("check: all files present and consistent" if not problems else f"check: {len(problems)} problem(s)")
+            for problem in problems:
+                print(f"  {problem}")
+    return 1 if problems else 0
+
+
+def _run_add(args: argparse.Namespace) -> int:
+    from .store import CaseStore
+
+    store = CaseStore(args.store)
+    if args.test:
+        case = store.add_test(args.image, args.label, args.case_id, source=args.source)
+    elif args.label is None:
+        case = store.add_unlabeled(args.image, args.case_id, source=args.source)
+    else:
+        case = store.add_labeled(args.image, args.label, args.case_id, annotated=_split_list(args.annotated),
+                                 absent=_split_list(args.absent), source=args.source, model=args.model)
+    print(f"added {case.kind} case {case.case_id}" + _annotated_text(store, case))
+    return 0
+
+
+def _run_ingest(args: argparse.Namespace) -> int:
+    from .store import CaseStore
+
+    store = CaseStore(args.store)
+    case = store.ingest_label(args.case, args.label, annotated=_split_list(args.annotated),
+                              absent=_split_list(args.absent), source=args.source, model=args.model)
+    print(f"stored label version {case.label_version} of {case.case_id}" + _annotated_text(store, case))
+    return 0
+
+
+def _run_history(args: argparse.Namespace) -> int:
+    from .store import CaseStore
+
+    store = CaseStore(args.store)
+    for record in store.history(args.case):
+        organs = ", ".join(store.labels.get(v, str(v)) for v in record.get("annotated", [])) or "-"
+        print(f"v{record['version']}  {record.get('time') or '-':<25}  source={record.get('source') or '-'}  "
+              f"model={record.get('model') or '-'}  {record['label']}  annotated: {organs}")
+    return 0
+
+
+def _annotated_text(store, case) -> str:
+    if case.label is None:
+        return ""
+    names = [store.labels[v] for v in store.annotated_labels(case)]
+    absent = [store.labels[v] for v in case.absent]
+    return f"; annotated: {', '.join(names) or 'none'}" + (f"; absent: {', '.join(absent)}" if absent else "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
