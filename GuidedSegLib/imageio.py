@@ -78,12 +78,7 @@ def read_image(path: PathLike, *, allow_non_finite: bool = False) -> sitk.Image:
             image = sitk.ReadImage(str(p))
         except RuntimeError as error:
             raise InputFileError(path, f"cannot be read as an image ({_first_line(error)})") from None
-    image = _as_3d_scalar(image, path)
-    if not allow_non_finite and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        bad = int(np.count_nonzero(~np.isfinite(sitk.GetArrayViewFromImage(image))))
-        if bad:
-            raise InputFileError(path, f"contains {bad} NaN or infinite voxels")
-    return image
+    return check_volume(image, path, allow_non_finite=allow_non_finite)
 
 
 def read_grid(path: PathLike) -> Grid:
@@ -173,18 +168,24 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         raise InputFileError(folder, f"DICOM series cannot be read ({_first_line(error)})") from None
 
 
-def _as_3d_scalar(image: sitk.Image, path: PathLike) -> sitk.Image:
+def check_volume(image: sitk.Image, where: PathLike, *, allow_non_finite: bool = False) -> sitk.Image:
+    """The image as a 3D scalar volume, or InputFileError naming ``where``: vector images, 2D,
+    4D with more than one frame, a single slice, and NaN/infinite voxels are refused."""
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputFileError(path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
-                                   "a scalar volume is needed")
+        raise InputFileError(where, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+                                    "a scalar volume is needed")
     dimension = image.GetDimension()
     if dimension == 4 and image.GetSize()[3] == 1:
         image = sitk.Extract(image, list(image.GetSize()[:3]) + [0], [0, 0, 0, 0])
         dimension = 3
     if dimension != 3:
-        raise InputFileError(path, f"is {dimension}D with size {list(image.GetSize())}; a 3D volume is needed")
+        raise InputFileError(where, f"is {dimension}D with size {list(image.GetSize())}; a 3D volume is needed")
     if min(image.GetSize()) < 2:
-        raise InputFileError(path, f"has size {list(image.GetSize())}: a single slice is not a 3D volume")
+        raise InputFileError(where, f"has size {list(image.GetSize())}: a single slice is not a 3D volume")
+    if not allow_non_finite and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        bad = int(np.count_nonzero(~np.isfinite(sitk.GetArrayViewFromImage(image))))
+        if bad:
+            raise InputFileError(where, f"contains {bad} NaN or infinite voxels")
     return image
 
 
@@ -277,25 +278,34 @@ def read_label_map(
     p = Path(path)
     if not p.exists():
         raise InputFileError(path, "no such file")
-    if file_suffix(p) == SEGMENTATION_SUFFIX:
-        label = _read_segmentation_file(p, label_names)
-    else:
-        label = _label_from_volume(read_image(p), p, label_names)
+    if file_suffix(p) != SEGMENTATION_SUFFIX:
+        return label_map_from_image(read_image(p), p, label_names=label_names, reference=reference)
+    label = _read_segmentation_file(p, label_names)
     if reference is not None:
         label.image = _onto_reference(label.image, reference, p)
     return label
 
 
-def _label_from_volume(image: sitk.Image, path: Path, label_names: Mapping[int, str] | None) -> LabelMap:
+def label_map_from_image(
+    image: sitk.Image,
+    where: PathLike,
+    *,
+    label_names: Mapping[int, str] | None = None,
+    reference: Grid | None = None,
+) -> LabelMap:
+    """A label map from a label volume (a file's, or one handed over in memory, then named by
+    ``where``): whole non-negative values, cast to uint8 (uint16 above 255), placed on
+    ``reference`` as :func:`read_label_map` does."""
+    image = check_volume(image, where)
     array = sitk.GetArrayFromImage(image)
     if array.dtype.kind == "f":
         if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
-            raise InputFileError(path, "holds non-integer values; a label map holds whole numbers")
+            raise InputFileError(where, "holds non-integer values; a label map holds whole numbers")
     if array.size and array.min() < 0:
-        raise InputFileError(path, f"holds negative label value {int(array.min())}")
+        raise InputFileError(where, f"holds negative label value {int(array.min())}")
     top = int(array.max()) if array.size else 0
     if top > 65535:
-        raise InputFileError(path, f"holds label value {top}; at most 65535 is supported")
+        raise InputFileError(where, f"holds label value {top}; at most 65535 is supported")
     target = sitk.sitkUInt8 if top <= 255 else sitk.sitkUInt16
     if image.GetPixelID() != target:
         image = sitk.Cast(image, target)
@@ -303,6 +313,8 @@ def _label_from_volume(image: sitk.Image, path: Path, label_names: Mapping[int, 
         names = {int(v): n for v, n in label_names.items() if int(v) != 0}
     else:
         names = {int(v): f"label_{int(v)}" for v in np.unique(array) if v != 0}
+    if reference is not None:
+        image = _onto_reference(image, reference, where)
     return LabelMap(image, names, {v: label_colour(n) for v, n in names.items()})
 
 
@@ -351,7 +363,7 @@ def _read_segmentation_file(path: Path, label_names: Mapping[int, str] | None) -
     return LabelMap(image, names, colours)
 
 
-def _onto_reference(label: sitk.Image, reference: Grid, path: Path) -> sitk.Image:
+def _onto_reference(label: sitk.Image, reference: Grid, path: PathLike) -> sitk.Image:
     own = Grid.of(label)
     if reference.mismatch(own) is None:
         return reference.apply(label)

@@ -43,6 +43,8 @@ from .imageio import (
     LabelMap,
     atomic_path,
     case_id_from_path,
+    check_volume,
+    label_map_from_image,
     read_grid,
     read_image,
     read_label_map,
@@ -282,7 +284,7 @@ class CaseStore:
                                             "replaced by ingest")
             image_path = self._abs(entry["image"])
             grid = read_grid(image_path)
-            label_map = self._read_label(label, grid, image_path)
+            label_map = self._read_label(label, grid)
             annotated_set, absent_set = self._annotation(label_map, annotated, absent, _describe(label))
             version = int(entry.get("labelVersion", 1)) + 1 if kind == "labeled" else 1
             if kind == "labeled":
@@ -348,13 +350,11 @@ class CaseStore:
         if not case_id or not CASE_ID.match(case_id):
             raise StoreError(self.root, f"case id {case_id!r} must start with a letter or digit and hold only "
                                         "letters, digits, '.', '_' and '-'")
-        volume = image if isinstance(image, sitk.Image) else read_image(image)
-        if isinstance(image, sitk.Image):
-            _check_array(volume, "<image in memory>")
+        volume = check_volume(image, "<image in memory>") if isinstance(image, sitk.Image) else read_image(image)
         grid = Grid.of(volume)
         label_map = None
         if label is not None:
-            label_map = self._read_label(label, grid, image)
+            label_map = self._read_label(label, grid)
         with self._locked() as data:
             if self._find(data, case_id, missing_ok=True)[1] is not None:
                 raise StoreError(self.root, f"already has a case {case_id!r}; use ingest to add a label version")
@@ -382,24 +382,15 @@ class CaseStore:
             data.setdefault(_LIST_KEY[kind], []).append(entry)
         return self.case(case_id)
 
-    def _read_label(self, label, grid: Grid, image) -> LabelMap:
+    def _read_label(self, label, grid: Grid) -> LabelMap:
         """Read a label onto ``grid`` and check its values against the store's label set."""
-        if isinstance(label, LabelMap):
-            label_map, where = label, "<label in memory>"
-        elif isinstance(label, sitk.Image):
-            label_map, where = LabelMap(label, {}), "<label in memory>"
-        else:
-            label_map = read_label_map(label, label_names=self.labels, reference=grid)
-            where = str(label)
         if isinstance(label, (LabelMap, sitk.Image)):
-            mismatch = grid.mismatch(Grid.of(label_map.image))
-            if mismatch:
-                raise InputFileError(where, f"label grid does not match its image {_describe(image)}: {mismatch}")
-            _check_array(label_map.image, where)
-            array = sitk.GetArrayViewFromImage(label_map.image)
-            if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
-                raise InputFileError(where, "holds non-integer values; a label map holds whole numbers")
-            label_map = LabelMap(grid.apply(sitk.Cast(label_map.image, sitk.sitkUInt16)), label_map.names)
+            where = "<label in memory>"
+            label_map = label_map_from_image(label.image if isinstance(label, LabelMap) else label, where,
+                                             label_names=self.labels, reference=grid)
+        else:
+            where = str(label)
+            label_map = read_label_map(label, label_names=self.labels, reference=grid)
         values = set(label_map.values_present())
         outside = sorted(values - set(self.organs))
         if outside:
@@ -529,17 +520,6 @@ def _sha256(path: Path) -> str:
 
 def _describe(item) -> str:
     return "<in memory>" if isinstance(item, (sitk.Image, LabelMap)) else str(item)
-
-
-def _check_array(image: sitk.Image, where: str) -> None:
-    """The checks read_image applies to files, for images handed over in memory."""
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1 or min(image.GetSize()) < 2:
-        raise InputFileError(where, f"is not a 3D scalar volume (size {list(image.GetSize())}, "
-                                    f"{image.GetNumberOfComponentsPerPixel()} components)")
-    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        bad = int(np.count_nonzero(~np.isfinite(sitk.GetArrayViewFromImage(image))))
-        if bad:
-            raise InputFileError(where, f"contains {bad} NaN or infinite voxels")
 
 
 def _copy_atomic(source: Path, target: Path) -> None:

@@ -287,3 +287,11 @@ def test_openkbp_reports_its_partially_contoured_organs():
     store = CaseStore(shared_set("openkbp-hn-ct"))
     counts = {store.labels[v]: n for v, n in store.annotation_counts().items()}
     assert counts["Esophagus"] == 8 and counts["Larynx"] == 14 and counts["Mandible"] == 17
+
+
+def test_in_memory_labels_get_the_same_checks_as_files(store, case_files):
+    (image0, label0), _ = case_files
+    negative = sitk.Cast(read_image(label0), sitk.sitkInt16) - 1  # background becomes -1
+    with pytest.raises(InputFileError, match="<label in memory>: holds negative label value -1"):
+        store.add_labeled(image0, negative, "m")
+    assert store.cases() == []
