@@ -170,7 +170,7 @@ class CrossPseudo(Method):
         losses["sup"] = sup
 
         known = batch.annotated_voxels()
-        pseudo = {name: out[name][0].detach().argmax(1) for name in ("A", "B")}  # (B, Z, Y, X)
+        pseudo = {name: out[name][0].detach().max(1).indices for name in ("A", "B")}  # (B, Z, Y, X)
         weights = {"A": None, "B": None}
         if o.kt_cps:
             for name in ("A", "B"):
@@ -206,6 +206,8 @@ class CrossPseudo(Method):
                 labels, known_here = (t[:, ::stride, ::stride, ::stride] for t in (labels, known))
             params = cgmm.fit(features[:n], labels, probabilities[:n], known_here, self.num_classes,
                               o.var_floor, o.mixing)
+            if not bool(params.present.any()):  # no annotated voxel in any labeled crop: no mixture
+                return {**parts, "cgmm": zero}
             log_g = cgmm.log_posterior(features, params)  # (B, K, ...): G on labeled, G' on unlabeled
             g = log_g.exp()
             posteriors[name] = g

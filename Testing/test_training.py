@@ -1,0 +1,211 @@
+"""Training end to end on small phantoms: it learns, resumes exactly, runs under torchrun, writes a
+bundle, and refuses bad stores and settings before it starts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from GuidedSegLib.phantoms import generate_phantom, write_phantom_store
+from GuidedSegLib.store import CaseStore
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from Training.config import ConfigError, load_config  # noqa: E402
+from Training.trainer import TrainingSetupError, train  # noqa: E402
+
+TINY = ["network.widths=[4,8,16,32]", "network.feature_layer=3", "data.patch=[32,32,32]", "data.labeled_batch=2",
+        "data.unlabeled_batch=2", "validation.every=1000", "checkpoint_every=1000"]
+
+
+@pytest.fixture(scope="module")
+def phantom_store(tmp_path_factory) -> Path:
+    """5 labeled (4 train + 1 validation) and 4 unlabeled phantoms."""
+    root = tmp_path_factory.mktemp("phantoms") / "store"
+    write_phantom_store(root, cases=9, labeled=5, test=0, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def run_train(store: Path, output: Path, cache: Path, *overrides: str, method: str = "guidednet",
+              resume: bool = False, torchrun: int = 0, wait: bool = True):
+    args = [str(ROOT / "Training" / "train.py"), "--store", str(store), "--output", str(output),
+            "--method", method, "--device", "cpu", "--progress", "json", f"data.cache={cache}", *TINY, *overrides]
+    if resume:
+        args.append("--resume")
+    if torchrun:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", *args]
+    else:
+        command = [sys.executable, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    if not wait:
+        return process
+    out, err = process.communicate(timeout=600)
+    return process.returncode, out, err
+
+
+def losses(output: Path) -> dict[int, float]:
+    with open(output / "log.csv", newline="") as handle:
+        return {int(r["iteration"]): float(r["total"]) for r in csv.DictReader(handle)}
+
+
+def test_supervised_training_learns_the_organs(phantom_store, cache, tmp_path):
+    output = tmp_path / "run"
+    code, out, err = run_train(phantom_store, output, cache, "optim.iterations=150", "validation.every=75",
+                               "optim.lr=0.05", method="supervised")
+    assert code == 0, err
+    log = losses(output)
+    early, late = np.mean([log[i] for i in range(1, 11)]), np.mean([log[i] for i in range(141, 151)])
+    assert late < 0.6 * early, f"loss went from {early:.3f} to only {late:.3f} in 150 iterations"
+    model = json.loads((output / "bundle" / "model.json").read_text())
+    dice = {model["labels"][k]: v["dice"] for k, v in model["validation"]["per_organ"].items()}
+    assert dice["liver"] > 0.6, f"validation Dice after 150 iterations: {dice}"
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events[-1] == {"stage": "done", "progress": 1.0, "bundle": str(output / "bundle")}
+    assert any(e["stage"] == "train" and "eta_s" in e for e in events)
+
+
+def test_bundle_holds_what_inference_needs(phantom_store, cache, tmp_path):
+    from GuidedSegLib.bundle import load_networks
+
+    output = tmp_path / "run"
+    code, _, err = run_train(phantom_store, output, cache, "optim.iterations=2", method="cps")
+    assert code == 0, err
+    metadata, networks = load_networks(output / "bundle")
+    assert sorted(networks) == ["A", "B"]
+    assert metadata["method"] == "cps" and metadata["patch"] == [32, 32, 32] and metadata["stride"] == [16, 16, 16]
+    assert metadata["labels"]["1"] == "liver" and len(metadata["labels"]) == 14
+    assert metadata["preprocessing"]["source"] == "planned"
+    store = CaseStore(phantom_store)
+    assert set(metadata["training"]["labeled"]) | set(metadata["training"]["validation"]) == \
+        {c.case_id for c in store.cases("labeled")}
+    assert metadata["training"]["unlabeled"] == 4
+    import torch
+
+    logits, _ = networks["A"](torch.zeros(1, 1, 32, 32, 32))
+    assert logits.shape == (1, 14, 32, 32, 32)
+    # A second run into the same folder is refused instead of overwriting anything.
+    code, _, err = run_train(phantom_store, output, cache, "optim.iterations=2", method="cps")
+    assert code == 2 and "--resume" in err
+
+
+def test_resume_after_kill_continues_exactly(phantom_store, cache, tmp_path):
+    reference = tmp_path / "reference"
+    code, _, err = run_train(phantom_store, reference, cache, "optim.iterations=8", "checkpoint_every=2")
+    assert code == 0, err
+    expected = losses(reference)
+
+    crashed = tmp_path / "crashed"
+    process = run_train(phantom_store, crashed, cache, "optim.iterations=8", "checkpoint_every=2", wait=False)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if (crashed / "log.csv").exists() and len(losses(crashed)) >= 5:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert not (crashed / "bundle").exists(), "killed before the end yet a bundle was written"
+    code, out, err = run_train(phantom_store, crashed, cache, "optim.iterations=8", "checkpoint_every=2", resume=True)
+    assert code == 0, err
+    assert "resuming" in out
+    resumed = losses(crashed)
+    assert sorted(resumed) == list(range(1, 9))
+    assert resumed == expected, f"resumed losses differ:\n{resumed}\n{expected}"
+
+
+def test_sigterm_stops_cleanly_with_a_checkpoint(phantom_store, cache, tmp_path):
+    output = tmp_path / "run"
+    process = run_train(phantom_store, output, cache, "optim.iterations=500", wait=False)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not ((output / "log.csv").exists() and len(losses(output)) >= 2):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "continue with --resume" in out
+    import torch
+
+    state = torch.load(output / "checkpoint.pt", weights_only=True)
+    assert 2 <= state["iteration"] < 500
+
+
+def test_two_process_torchrun_matches_one_process(phantom_store, cache, tmp_path):
+    settings = ["optim.iterations=3", "network.dropout=0.0", "data.labeled_batch=2", "data.unlabeled_batch=2"]
+    code, _, err = run_train(phantom_store, tmp_path / "one", cache, *settings)
+    assert code == 0, err
+    code, _, err = run_train(phantom_store, tmp_path / "two", cache, *settings, torchrun=2)
+    assert code == 0, err
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3]
+    for i in one:
+        assert two[i] == pytest.approx(one[i], rel=2e-4), f"iteration {i}: 1 process {one[i]}, 2 processes {two[i]}"
+
+
+# ----------------------------------------------------------------------------------------------
+# refusals, each before any training step
+
+
+def config(store: Path, output: Path, *overrides: str):
+    return load_config(None, [f"store={store}", f"output={output}", "device=cpu", *TINY, *overrides])
+
+
+def test_empty_store_is_refused(tmp_path):
+    store = CaseStore.create(tmp_path / "empty", {1: "liver"})
+    with pytest.raises(TrainingSetupError, match="store is empty"):
+        train(config(store.root, tmp_path / "run"), progress="none")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_store_without_labeled_case_is_refused(tmp_path):
+    store = CaseStore.create(tmp_path / "s", {1: "liver"})
+    store.add_unlabeled(generate_phantom(1, size=(32, 32, 16)).image, "u1")
+    with pytest.raises(TrainingSetupError, match="no labeled training case"):
+        train(config(store.root, tmp_path / "run"), progress="none")
+
+
+def test_labels_outside_the_label_set_are_refused(tmp_path):
+    source = tmp_path / "plain"
+    write_phantom_store(source, cases=3, labeled=3, test=0, seed=1, size=(48, 48, 24))
+    data = json.loads((source / "dataset.json").read_text())
+    data["labels"] = {"0": "background", "1": "liver"}  # the files hold 13 organs
+    (source / "dataset.json").write_text(json.dumps(data))
+    with pytest.raises(Exception, match=r"labelsTr.*label values \[2, 3.*outside the store's label set"):
+        train(config(source, tmp_path / "run"), progress="none")
+
+
+def test_unreadable_image_is_named(tmp_path):
+    source = tmp_path / "s"
+    store = write_phantom_store(source, cases=3, labeled=3, test=0, seed=1, size=(48, 48, 24))
+    broken = store.cases("labeled")[0].image
+    broken.write_bytes(b"not an image at all")
+    with pytest.raises(Exception, match=broken.name):
+        train(config(source, tmp_path / "run"), progress="none")
+
+
+def test_config_typo_is_refused_by_the_command(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "Training" / "train.py"), "--output", str(tmp_path / "r"),
+                             "optim.iteratons=5"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert "unknown setting 'optim.iteratons'; did you mean 'optim.iterations'?" in result.stderr
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError, match="network.feature_layer 5 must be in 1..3"):
+        load_config(None, ["network.widths=[4,8,16,32]", "network.feature_layer=5"])
+    with pytest.raises(ConfigError, match="data.patch"):
+        load_config(None, ["data.patch=[32,32]"])

@@ -1,0 +1,1 @@
+"""Headless training: ``python Training/train.py`` (see train.py)."""

@@ -1,0 +1,221 @@
+"""The training configuration: one dataclass tree, read from YAML and ``key=value`` overrides.
+
+Every key is checked before anything runs: a typo gets an error that names it and suggests the
+closest known key, a wrong type gets an error naming the key and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from GuidedSegLib.errors import GuidedSegError
+from GuidedSegLib.methods import METHODS, MethodOptions
+
+
+class ConfigError(GuidedSegError, ValueError):
+    """A configuration that cannot be used; the message names the key."""
+
+
+@dataclass
+class NetworkConfig:
+    widths: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])  # paper: [16, 32, 64, 128, 256]
+    dropout: float = 0.3
+    feature_layer: int = 4  # decoder block whose features the CGMM models (4 = last, full resolution)
+
+
+@dataclass
+class DataConfig:
+    preprocessing: str = "planned"  # "planned" from the training data, or a preset name
+    patch: typing.Any = "auto"  # "auto" or [z, y, x]
+    patch_voxels: int = 64 * 64 * 32  # budget of an automatic patch
+    labeled_batch: int = 2  # global, over all processes
+    unlabeled_batch: int = 2
+    foreground: float = 0.33  # share of labeled crops centred on an annotated organ
+    partial_labels: bool = True  # unannotated organs are unknown (False: plain, read as background)
+    cache: str | None = None  # preprocessed-data cache (default: <output>/cache)
+    workers: int = 0  # DataLoader processes
+
+
+@dataclass
+class OptimConfig:
+    iterations: int = 300
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    grad_clip: float = 12.0  # max gradient norm (0: off)
+    amp: str = "auto"  # "auto" (on for CUDA), "on", "off"
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 100  # iterations between validations (and at the end)
+    overlap: float = 0.5  # sliding-window overlap
+    ensemble: bool = False  # average networks A and B (two-network methods)
+
+
+@dataclass
+class InferenceConfig:
+    patch: list[int] | None = None  # sliding-window size written to the bundle (default: training patch)
+    stride: list[int] | None = None  # default: half the patch
+
+
+@dataclass
+class PhantomConfig:
+    """The store generated when no ``store`` is given (the README's default job)."""
+
+    cases: int = 24
+    labeled: int = 4
+    test: int = 4
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    store: str | None = None  # case store folder; None: synthetic phantoms in <output>/phantom-store
+    output: str = "runs/guidednet-phantoms"
+    method: str = "guidednet"  # supervised | cps | guidednet
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    checkpoint_every: int = 50
+    log_every: int = 10
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: MethodOptions = field(default_factory=MethodOptions)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    phantoms: PhantomConfig = field(default_factory=PhantomConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def method_options(self) -> MethodOptions:
+        """The objective switches for the chosen method (``cps`` turns KT-CPS and the CGMM off)."""
+        options = dataclasses.asdict(self.objective)
+        if self.method == "cps":
+            options.update(kt_cps=False, cgmm=False)
+        return MethodOptions(**options)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """Defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as YAML)."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot be read ({error.strerror})") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: is not valid YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: must hold a mapping of settings, not {type(data).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.iterations=500)")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node[parts[-1]] = yaml.safe_load(value) if value else None
+    config = _build(TrainConfig, data, "")
+    check(config)
+    return config
+
+
+def check(config: TrainConfig) -> None:
+    """Value checks that do not need the data."""
+    if config.method not in METHODS:
+        raise ConfigError(f"method {config.method!r} is not one of {list(METHODS)}")
+    d, o = config.data, config.optim
+    if d.patch != "auto" and not (isinstance(d.patch, list) and len(d.patch) == 3 and all(isinstance(p, int) and p > 0 for p in d.patch)):
+        raise ConfigError(f"data.patch {d.patch!r} must be 'auto' or three positive integers [z, y, x]")
+    if d.labeled_batch < 1:
+        raise ConfigError(f"data.labeled_batch {d.labeled_batch} must be at least 1")
+    if d.unlabeled_batch < 0:
+        raise ConfigError(f"data.unlabeled_batch {d.unlabeled_batch} must not be negative")
+    if not 0 <= d.foreground <= 1:
+        raise ConfigError(f"data.foreground {d.foreground} must be in [0, 1]")
+    if o.iterations < 1 or o.lr <= 0:
+        raise ConfigError(f"optim.iterations ({o.iterations}) and optim.lr ({o.lr}) must be positive")
+    if o.amp not in ("auto", "on", "off"):
+        raise ConfigError(f"optim.amp {o.amp!r} must be auto, on or off")
+    if config.objective.mixing not in ("uniform", "frequency"):
+        raise ConfigError(f"objective.mixing {config.objective.mixing!r} must be uniform or frequency")
+    if config.objective.rectify_target not in ("soft", "hard"):
+        raise ConfigError(f"objective.rectify_target {config.objective.rectify_target!r} must be soft or hard")
+    if config.objective.kt_floor <= 0:
+        raise ConfigError(f"objective.kt_floor {config.objective.kt_floor} must be positive")
+    levels = len(config.network.widths) - 1
+    if levels < 1 or not 1 <= config.network.feature_layer <= levels:
+        raise ConfigError(f"network.feature_layer {config.network.feature_layer} must be in 1..{levels} "
+                          f"for widths {config.network.widths}")
+    for name in ("patch", "stride"):
+        value = getattr(config.inference, name)
+        if value is not None and not (len(value) == 3 and all(v > 0 for v in value)):
+            raise ConfigError(f"inference.{name} {value!r} must be three positive integers [z, y, x]")
+
+
+def _build(cls, data: typing.Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of settings, not {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in data.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known: {sorted(known)}"
+            raise ConfigError(f"unknown setting '{prefix}{key}'{hint}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            values[key] = _build(kind, value, f"{prefix}{key}.")
+        else:
+            values[key] = _coerce(value, kind, f"{prefix}{key}")
+    return cls(**values)
+
+
+def _coerce(value, kind, key: str):
+    if kind is typing.Any:
+        return value
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if not isinstance(value, list):
+            raise ConfigError(f"setting {key!r} must be a list, not {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    if kind is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"setting {key!r} must be a number, not {value!r}")
+        return float(value)
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"setting {key!r} must be true or false, not {value!r}")
+    if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"setting {key!r} must be a whole number, not {value!r}")
+    if kind is str and not isinstance(value, str):
+        raise ConfigError(f"setting {key!r} must be text, not {value!r}")
+    return value

@@ -1,0 +1,616 @@
+"""The training loop behind ``Training/train.py``: store in, model bundle out.
+
+Steps: open the store and check it; plan preprocessing (or take a preset); preprocess every case
+once into the cache; draw crops per iteration; step SGD with a poly schedule; validate with a
+sliding window on the validation split and keep the best weights; write a bundle.
+
+Crash safety: the checkpoint (networks, optimiser, KT-CPS weights, iteration, best score) is
+written atomically every ``checkpoint_every`` iterations and on Ctrl-C / SIGTERM. The crops and
+the dropout masks of iteration i depend only on (seed, i, rank), so ``--resume`` continues with
+exactly the steps an uninterrupted run takes (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+import GuidedSegLib
+from GuidedSegLib import distributed as dist_utils
+from GuidedSegLib.bundle import write_bundle
+from GuidedSegLib.errors import GuidedSegError
+from GuidedSegLib.imageio import atomic_path
+from GuidedSegLib.labels import label_colour
+from GuidedSegLib.methods import Batch, build_method
+from GuidedSegLib.metrics import per_class_dice, summarise
+from GuidedSegLib.preprocessing import PRESETS, PreprocessingPlan, plan_from_dataset
+from GuidedSegLib.store import CaseStore
+from GuidedSegLib.training_data import CropSampler, IterationBatches, TrainingData
+
+from .config import ConfigError, TrainConfig
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+PLANNING_CASES = 30
+
+
+class TrainingSetupError(GuidedSegError, ValueError):
+    """The store or the configuration cannot be trained on; raised before training starts."""
+
+
+@dataclasses.dataclass
+class Result:
+    status: str  # "finished" or "stopped"
+    iteration: int
+    bundle: Path | None
+    validation: dict | None
+    signal: int | None = None
+
+
+class Reporter:
+    """Progress for people (a tqdm bar on stderr) or programs (one JSON object per line on stdout)."""
+
+    def __init__(self, mode: str, enabled: bool):
+        self.mode, self.enabled, self.bar = mode, enabled, None
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.mode == "json":
+            self.emit({"stage": "message", "text": text})
+        elif self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def emit(self, record: dict) -> None:
+        if self.enabled and self.mode == "json":
+            print(json.dumps(record), flush=True)
+
+    def stage(self, stage: str, done: int, total: int, **extra) -> None:
+        self.emit({"stage": stage, "progress": round(done / max(total, 1), 4), **extra})
+
+    def start_bar(self, start: int, total: int) -> None:
+        if self.enabled and self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="training", unit="it", dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def step(self, iteration: int, total: int, losses: dict, eta: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{losses['total']:.4f}")
+        self.emit({"stage": "train", "progress": round(iteration / total, 4), "iteration": iteration,
+                   "loss": round(losses["total"], 5), "eta_s": round(eta, 1)})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class StopRequest:
+    """Turns SIGINT / SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, resume: bool = False, progress: str = "bar") -> Result:
+    """Run (or resume) training as configured; returns where the bundle went."""
+    distributed = _init_distributed(config.device)
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    report = Reporter(progress, enabled=rank == 0)
+    try:
+        return _train(config, resume, report, rank, world)
+    finally:
+        report.close()
+        if distributed:
+            torch.distributed.destroy_process_group()
+
+
+def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world: int) -> Result:
+    output = Path(config.output)
+    device = _device(config.device)
+    config_file = output / "config.yaml"
+    if resume:
+        if not (output / CHECKPOINT).is_file():
+            raise TrainingSetupError(f"{output}: nothing to resume (no {CHECKPOINT}); start without --resume")
+        saved = yaml.safe_load(config_file.read_text())
+        _check_resume_config(saved, config.to_dict(), output)
+    elif (output / CHECKPOINT).exists():
+        raise TrainingSetupError(f"{output}: holds a checkpoint of an earlier run; pass --resume to continue "
+                                 "it, or choose another output folder")
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            with atomic_path(config_file) as tmp:
+                tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    store = _open_store(config, output, report, rank)
+    splits = store.splits()
+    labeled_ids = splits.train
+    if not labeled_ids:
+        raise TrainingSetupError(f"{store.root}: has no labeled training case "
+                                 f"({len(store.cases('labeled'))} labeled, {len(splits.validation)} of them for "
+                                 "validation); add labeled cases with 'guidedseg store add' or 'ingest'")
+    if config.method != "supervised" and not splits.unlabeled and config.data.unlabeled_batch > 0:
+        report.message(f"note: {store.root} has no unlabeled case; {config.method} learns from labeled crops only")
+
+    plan = _plan(config, store, labeled_ids, output, resume, report, rank)
+    class_values = sorted(store.labels)
+    cache = Path(config.data.cache) if config.data.cache else output / "cache"
+    data = TrainingData(store, plan, class_values, cache, config.data.partial_labels)
+    prepared = {}
+    for kind, ids in (("train", labeled_ids), ("validation", splits.validation), ("unlabeled", splits.unlabeled)):
+        cases = [store.case(i) for i in ids]
+        if rank == 0:
+            prepared[kind] = data.prepare(cases, lambda i, n, cid, k=kind: report.stage(f"prepare-{k}", i, n, case=cid))
+    if world > 1:
+        torch.distributed.barrier()
+        if rank != 0:
+            for kind, ids in (("train", labeled_ids), ("validation", splits.validation), ("unlabeled", splits.unlabeled)):
+                prepared[kind] = data.prepare([store.case(i) for i in ids])
+
+    method_name = config.method
+    network_spec = {"architecture": "unet3d", "in_channels": 1, **dataclasses.asdict(config.network)}
+    torch.manual_seed(config.seed)
+    method = build_method(method_name, network_spec, data.num_classes, config.method_options(), config.optim.iterations)
+    divisor = method.networks["A"].divisor
+    patch = _patch(config, prepared["train"], plan, divisor)
+    unlabeled_batch = 0 if method_name == "supervised" else config.data.unlabeled_batch
+    sampler = CropSampler(prepared["train"], prepared["unlabeled"], patch, config.data.labeled_batch,
+                          unlabeled_batch, config.data.foreground, config.seed)
+    for count, what in ((config.data.labeled_batch, "labeled_batch"), (sampler.unlabeled_batch, "unlabeled_batch")):
+        if count % world:
+            raise ConfigError(f"data.{what} {count} must be divisible by the {world} processes")
+    method.to(device)
+    if device.type == "cuda":
+        method.to(memory_format=torch.channels_last_3d)
+    optimiser = torch.optim.SGD(method.parameters(), lr=config.optim.lr, momentum=config.optim.momentum,
+                                weight_decay=config.optim.weight_decay, nesterov=False)
+    amp = config.optim.amp == "on" or (config.optim.amp == "auto" and device.type == "cuda")
+    amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
+
+    start, best = 0, {"score": -1.0, "iteration": 0, "validation": None}
+    if resume:
+        state = torch.load(output / CHECKPOINT, map_location=device, weights_only=True)
+        method.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        scaler.load_state_dict(state["scaler"])
+        start = int(state["iteration"])
+        best = {"score": float(state["best_score"]), "iteration": int(state["best_iteration"]),
+                "validation": json.loads(state["best_validation"])}
+        report.message(f"resuming {output} at iteration {start}")
+    model = method
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+    total = config.optim.iterations
+    log = MetricLog(output, start, rank == 0)
+    report.message(f"{method_name}: {len(labeled_ids)} labeled, {len(splits.unlabeled)} unlabeled, "
+                   f"{len(splits.validation)} validation cases; patch {list(patch)} (z, y, x); "
+                   f"{total} iterations on {device}" + (f" x {world} processes" if world > 1 else ""))
+    loader = torch.utils.data.DataLoader(IterationBatches(sampler, start, total, rank, world), batch_size=None,
+                                         num_workers=config.data.workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=False)
+    report.start_bar(start, total)
+    began, iteration, stopped = time.monotonic(), start, None
+    with StopRequest() as stop:
+        for iteration, tensors in enumerate(loader, start=start):
+            method.train()
+            torch.manual_seed(_step_seed(config.seed, iteration, rank))  # dropout masks of this step
+            lr = config.optim.lr * (1 - iteration / total) ** config.optim.poly_power
+            for group in optimiser.param_groups:
+                group["lr"] = lr
+            batch = Batch(**tensors).to(device)
+            if device.type == "cuda":
+                batch.image = batch.image.contiguous(memory_format=torch.channels_last_3d)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                losses = model(batch, iteration)
+            loss = losses["total"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"iteration {iteration}: loss is {loss.item()} "
+                                         f"({ {k: float(v) for k, v in losses.items()} }); lower optim.lr")
+            optimiser.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.optim.grad_clip > 0:
+                scaler.unscale_(optimiser)
+                torch.nn.utils.clip_grad_norm_(method.parameters(), config.optim.grad_clip)
+            scaler.step(optimiser)
+            scaler.update()
+            done = iteration + 1
+            values = _mean_over_processes(losses, world)
+            elapsed = time.monotonic() - began
+            report.step(done, total, values, elapsed / (done - start) * (total - done))
+            log.step(done, lr, values)
+            last = done == total
+            if done % config.validation.every == 0 or last:
+                result = _validate(method, prepared["validation"], patch, config, device, class_values, report,
+                                   rank, world)
+                if result is not None:
+                    log.validation(done, result)
+                    report.message(f"iteration {done}: validation mean Dice {result['mean_dice']:.4f}")
+                    if result["mean_dice"] > best["score"] or best["validation"] is None:
+                        best = {"score": result["mean_dice"], "iteration": done, "validation": result}
+                        if rank == 0:
+                            _save(output / BEST, {"model": method.state_dict(), "iteration": done})
+            if stop.signal is not None or done % config.checkpoint_every == 0 or last:
+                if rank == 0:
+                    _save(output / CHECKPOINT, {
+                        "model": method.state_dict(), "optimiser": optimiser.state_dict(),
+                        "scaler": scaler.state_dict(), "iteration": done, "best_score": best["score"],
+                        "best_iteration": best["iteration"], "best_validation": json.dumps(best["validation"])})
+            if stop.signal is not None:
+                stopped = stop.signal
+                break
+        if world > 1:
+            torch.distributed.barrier()
+    report.close()
+    log.close()
+    if stopped is not None:
+        report.message(f"stopped by signal {stopped} after iteration {iteration + 1}; checkpoint saved in "
+                       f"{output / CHECKPOINT}; continue with --resume")
+        return Result("stopped", iteration + 1, None, best["validation"], stopped)
+
+    bundle = None
+    if rank == 0:
+        if (output / BEST).is_file():
+            method.load_state_dict(torch.load(output / BEST, map_location=device, weights_only=True)["model"])
+        bundle = _write_bundle(config, method, store, plan, patch, class_values, best, labeled_ids, splits, output)
+        report.message(format_table(best["validation"], store.labels))
+        report.message(f"model bundle: {bundle}")
+        report.emit({"stage": "done", "progress": 1.0, "bundle": str(bundle)})
+    return Result("finished", total, bundle, best["validation"])
+
+
+# ----------------------------------------------------------------------------------------------
+# set-up
+
+
+def _init_distributed(device: str) -> bool:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist_utils.active():
+        return False
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    return True
+
+
+def _device(name: str) -> torch.device:
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local)
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not one of cpu, cuda, cuda:N, mps, auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r}: this PyTorch build or machine has no CUDA GPU")
+        if device.index is None:
+            device = torch.device("cuda", local)
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA GPU(s) present")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps': Apple MPS is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {name!r} is not one of cpu, cuda, cuda:N, mps, auto")
+    return device
+
+
+def _open_store(config: TrainConfig, output: Path, report: Reporter, rank: int) -> CaseStore:
+    if config.store is None:
+        root = output / "phantom-store"
+        if rank == 0 and not (root / "dataset.json").exists():
+            import shutil
+
+            from GuidedSegLib.phantoms import write_phantom_store
+
+            p = config.phantoms
+            report.message(f"no store given: writing {p.cases} synthetic phantoms ({p.labeled} labeled, "
+                           f"{p.test} test) to {root}")
+            partial = root.with_name(f".partial-{root.name}")  # renamed into place once complete
+            shutil.rmtree(partial, ignore_errors=True)
+            count = iter(range(1, p.cases + p.test + 1))
+            write_phantom_store(partial, cases=p.cases, labeled=p.labeled, test=p.test, seed=p.seed,
+                                progress=lambda _: report.stage("phantoms", next(count), p.cases + p.test))
+            os.replace(partial, root)
+        if dist_utils.active():
+            torch.distributed.barrier()
+    else:
+        root = Path(config.store)
+    if not root.exists():
+        raise TrainingSetupError(f"{root}: no such store folder")
+    store = CaseStore(root)
+    if not store.organs:
+        raise TrainingSetupError(f"{root}: the store's label set has no organ")
+    if not store.cases():
+        raise TrainingSetupError(f"{root}: the store is empty; add cases with 'guidedseg store add'")
+    return store
+
+
+def _plan(config, store, labeled_ids, output: Path, resume: bool, report: Reporter, rank: int) -> PreprocessingPlan:
+    plan_file = output / "plan.json"
+    if resume or (rank != 0 and plan_file.exists()):
+        return PreprocessingPlan.from_dict(json.loads(plan_file.read_text()))
+    name = config.data.preprocessing
+    if name == "planned":
+        from GuidedSegLib.imageio import read_image
+
+        ids = labeled_ids[:PLANNING_CASES]
+        images = [read_image(store.case(i).image) for i in ids]
+        labels = [read_image(store.case(i).label) for i in ids]
+        plan = plan_from_dataset(images, labels, modality=store.modality)
+    elif name in PRESETS:
+        plan = PRESETS[name]
+    else:
+        raise ConfigError(f"data.preprocessing {name!r} is not 'planned' or a preset: {sorted(PRESETS)}")
+    if rank == 0:
+        with atomic_path(plan_file) as tmp:
+            tmp.write_text(json.dumps(plan.to_dict(), indent=2))
+        report.message(f"preprocessing ({plan.source}): spacing {plan.target_spacing} mm (x, y, z), "
+                       f"clip {plan.clip}, normalisation {plan.normalisation}")
+    if dist_utils.active():
+        torch.distributed.barrier()
+    return plan
+
+
+def _patch(config: TrainConfig, cases, plan: PreprocessingPlan, divisor: int) -> tuple[int, int, int]:
+    """The training patch (z, y, x): given, or derived from the cases' median shape.
+
+    Automatic: the median preprocessed shape rounded up to the network's divisor, then the axis
+    with the largest physical extent shrunk step by step until the patch fits ``patch_voxels``.
+    """
+    if config.data.patch != "auto":
+        patch = tuple(int(p) for p in config.data.patch)
+        bad = [p for p in patch if p % divisor]
+        if bad:
+            raise ConfigError(f"data.patch {list(patch)} must be multiples of {divisor} for "
+                              f"{len(config.network.widths) - 1} down levels")
+        return patch
+    median = np.median([c.shape for c in cases], axis=0)
+    patch = [max(divisor, int(math.ceil(m / divisor)) * divisor) for m in median]
+    spacing = list(plan.target_spacing[::-1]) if plan.target_spacing else [1.0, 1.0, 1.0]
+    while np.prod(patch) > config.data.patch_voxels:
+        extents = [p * s if p > divisor else -1 for p, s in zip(patch, spacing)]
+        axis = int(np.argmax(extents))
+        if extents[axis] < 0:
+            break
+        patch[axis] -= divisor
+    return tuple(patch)
+
+
+def _check_resume_config(saved: dict, current: dict, output: Path) -> None:
+    """A resumed run must be the same run: only where it logs or how many workers may change."""
+    free = {"device", "data.workers", "log_every", "checkpoint_every"}
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    a, b = dict(flat(saved)), dict(flat(current))
+    changed = sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
+    if changed:
+        raise TrainingSetupError(f"{output}: --resume with settings that differ from the saved run: "
+                                 + ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in changed))
+
+
+def _mean_over_processes(losses: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    """The losses of the whole global batch (each process holds its share's)."""
+    stacked = torch.stack([v.detach().float() for v in losses.values()])
+    if world > 1:
+        stacked = dist_utils.all_sum(stacked) / world
+    return dict(zip(losses, stacked.tolist()))
+
+
+def _step_seed(seed: int, iteration: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, iteration, rank]).generate_state(1)[0])
+
+
+def _save(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation and results
+
+
+@torch.inference_mode()
+def _validate(method, cases, patch, config: TrainConfig, device, class_values, report: Reporter, rank, world):
+    """Sliding-window Dice on the validation split (rank 0); None when there is none."""
+    if rank != 0 or not cases:
+        if world > 1:
+            torch.distributed.barrier()
+        return None
+    from monai.inferers import sliding_window_inference
+
+    method.eval()
+    names = ["A", "B"] if config.validation.ensemble and "B" in method.networks else ["A"]
+    networks = [method.networks[n] for n in names]
+
+    def predict(x):
+        return sum(torch.softmax(net(x)[0].float(), 1) for net in networks) / len(networks)
+
+    scores = []
+    for index, case in enumerate(cases):
+        report.stage("validate", index, len(cases), case=case.case_id)
+        image = torch.from_numpy(np.array(case.image(), dtype=np.float32))[None, None].to(device)
+        probabilities = sliding_window_inference(image, patch, 2, predict, overlap=config.validation.overlap,
+                                                 mode="gaussian")
+        prediction = probabilities.argmax(1)[0].cpu().numpy()
+        reference = case.label()
+        organs = [k for k in range(1, len(class_values)) if case.annotated[k] and k in case.locations]
+        scores.append({class_values[k]: d for k, d in per_class_dice(prediction, reference, organs).items()})
+    method.train()
+    if world > 1:
+        torch.distributed.barrier()
+    summary = summarise(scores)
+    per_organ = {str(k): {"dice": m, "sd": s, "n": n} for k, (m, s, n) in summary.items()}
+    mean = float(np.mean([v["dice"] for v in per_organ.values()])) if per_organ else 0.0
+    return {"mean_dice": mean, "per_organ": per_organ, "cases": len(cases)}
+
+
+def format_table(validation: dict | None, labels: dict[int, str]) -> str:
+    if not validation:
+        return "no validation split (fewer than two labeled cases): the last weights were kept"
+    lines = [f"validation ({validation['cases']} cases): Dice per organ, over cases where it is annotated",
+             f"  {'organ':<24} {'Dice':>7} {'SD':>7} {'n':>4}"]
+    for value, row in validation["per_organ"].items():
+        lines.append(f"  {labels[int(value)]:<24} {row['dice']:7.4f} {row['sd']:7.4f} {row['n']:4d}")
+    lines.append(f"  {'mean':<24} {validation['mean_dice']:7.4f}")
+    return "\n".join(lines)
+
+
+def _write_bundle(config, method, store, plan, patch, class_values, best, labeled_ids, splits, output) -> Path:
+    stride = config.inference.stride
+    window = tuple(config.inference.patch or patch)
+    stride = tuple(stride) if stride else tuple(max(1, w // 2) for w in window)
+    names = ["A", "B"] if "B" in method.networks else ["A"]
+    labels = store.labels
+    metadata = {
+        "name": f"{store.name}-{config.method}",
+        "library_version": GuidedSegLib.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "method": config.method,
+        "network": method.networks["A"].config(),
+        "labels": {str(v): labels[v] for v in class_values},
+        "colours": {str(v): list(label_colour(labels[v])) for v in class_values if v != 0},
+        "preprocessing": plan.to_dict(),
+        "patch": list(window),
+        "stride": list(stride),
+        "training": {
+            "store": str(store.root), "store_name": store.name,
+            "labeled": {cid: store.case(cid).label_version for cid in labeled_ids},
+            "validation": {cid: store.case(cid).label_version for cid in splits.validation},
+            "unlabeled": len(splits.unlabeled), "iterations": config.optim.iterations,
+            "best_iteration": best["iteration"], "seed": config.seed, "config": config.to_dict(),
+        },
+        "validation": best["validation"],
+        "parent": None,
+    }
+    folder = output / "bundle"
+    n = 2
+    while folder.exists():
+        folder = output / f"bundle-{n}"
+        n += 1
+    networks = {name: method.networks[name] for name in names}
+    return write_bundle(folder, networks, metadata)
+
+
+class MetricLog:
+    """``log.csv`` (losses per step), ``validation.csv`` and TensorBoard under ``tensorboard/``.
+
+    On resume the rows after the checkpoint are dropped, so the logs read as one run.
+    """
+
+    def __init__(self, output: Path, start: int, enabled: bool):
+        self.enabled, self.output = enabled, output
+        self.writer = None
+        self.columns: list[str] | None = None
+        if not enabled:
+            return
+        for name in ("log.csv", "validation.csv"):
+            _truncate_csv(output / name, start)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output / "tensorboard"), purge_step=start + 1 if start else None)
+        except ImportError:
+            self.writer = None
+
+    def step(self, iteration: int, lr: float, losses: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"iteration": iteration, "lr": lr, **losses}
+        path = self.output / "log.csv"
+        new = not path.exists() or path.stat().st_size == 0
+        if self.columns is None:
+            self.columns = list(row)
+        with open(path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.columns)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.writer is not None:
+            for key, value in losses.items():
+                self.writer.add_scalar(f"loss/{key}", value, iteration)
+            self.writer.add_scalar("lr", lr, iteration)
+
+    def validation(self, iteration: int, result: dict) -> None:
+        if not self.enabled:
+            return
+        path = self.output / "validation.csv"
+        new = not path.exists() or path.stat().st_size == 0
+        row = {"iteration": iteration, "mean_dice": result["mean_dice"],
+               **{f"dice_{k}": v["dice"] for k, v in result["per_organ"].items()}}
+        with open(path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.writer is not None:
+            self.writer.add_scalar("validation/mean_dice", result["mean_dice"], iteration)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _truncate_csv(path: Path, start: int) -> None:
+    """Keep the header and the rows of iterations <= start (all rows are dropped when start is 0)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= start] if start else []
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            csv.writer(handle).writerows(kept)
