@@ -66,17 +66,37 @@ def losses(output: Path) -> dict[int, float]:
         return {int(r["iteration"]): float(r["total"]) for r in csv.DictReader(handle)}
 
 
-def test_supervised_training_learns_the_organs(phantom_store, cache, tmp_path):
+@pytest.fixture(scope="module")
+def three_organ_store(tmp_path_factory) -> Path:
+    """Coarse phantoms (8 x 8 x 10 mm, so one crop holds the whole abdomen) with three organs
+    (liver, spleen, both kidneys as one): 4 labeled, 2 unlabeled."""
+    root = tmp_path_factory.mktemp("three") / "store"
+    store = CaseStore.create(root, {1: "liver", 2: "spleen", 3: "kidney"})
+    merge = np.zeros(14, np.uint8)
+    merge[[1, 3, 2, 13]] = [1, 2, 3, 3]
+    for i in range(6):
+        phantom = generate_phantom(700 + i, size=(48, 48, 32), spacing=(8.0, 8.0, 10.0))
+        if i < 4:
+            label = sitk.GetImageFromArray(merge[sitk.GetArrayFromImage(phantom.label)])
+            label.CopyInformation(phantom.label)
+            store.add_labeled(phantom.image, label, f"case_{i}")
+        else:
+            store.add_unlabeled(phantom.image, f"case_{i}")
+    return root
+
+
+def test_supervised_training_learns_the_organs(three_organ_store, cache, tmp_path):
     output = tmp_path / "run"
-    code, out, err = run_train(phantom_store, output, cache, "optim.iterations=150", "validation.every=75",
-                               "optim.lr=0.05", method="supervised")
+    code, out, err = run_train(three_organ_store, output, cache, "optim.iterations=120", "validation.every=60",
+                               "data.patch=[32,48,48]", method="supervised")
     assert code == 0, err
     log = losses(output)
-    early, late = np.mean([log[i] for i in range(1, 11)]), np.mean([log[i] for i in range(141, 151)])
-    assert late < 0.6 * early, f"loss went from {early:.3f} to only {late:.3f} in 150 iterations"
+    early, late = np.mean([log[i] for i in range(1, 11)]), np.mean([log[i] for i in range(111, 121)])
+    assert late < 0.5 * early, f"loss went from {early:.3f} to only {late:.3f} in 120 iterations"
     model = json.loads((output / "bundle" / "model.json").read_text())
     dice = {model["labels"][k]: v["dice"] for k, v in model["validation"]["per_organ"].items()}
-    assert dice["liver"] > 0.6, f"validation Dice after 150 iterations: {dice}"
+    print("validation Dice after 120 iterations:", dice)
+    assert dice["liver"] > 0.75, f"validation Dice after 120 iterations: {dice}"
     events = [json.loads(line) for line in out.splitlines()]
     assert events[-1] == {"stage": "done", "progress": 1.0, "bundle": str(output / "bundle")}
     assert any(e["stage"] == "train" and "eta_s" in e for e in events)
@@ -108,25 +128,25 @@ def test_bundle_holds_what_inference_needs(phantom_store, cache, tmp_path):
 
 def test_resume_after_kill_continues_exactly(phantom_store, cache, tmp_path):
     reference = tmp_path / "reference"
-    code, _, err = run_train(phantom_store, reference, cache, "optim.iterations=8", "checkpoint_every=2")
+    code, _, err = run_train(phantom_store, reference, cache, "optim.iterations=6", "checkpoint_every=2")
     assert code == 0, err
     expected = losses(reference)
 
     crashed = tmp_path / "crashed"
-    process = run_train(phantom_store, crashed, cache, "optim.iterations=8", "checkpoint_every=2", wait=False)
+    process = run_train(phantom_store, crashed, cache, "optim.iterations=6", "checkpoint_every=2", wait=False)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
-        if (crashed / "log.csv").exists() and len(losses(crashed)) >= 5:
+        if (crashed / "log.csv").exists() and len(losses(crashed)) >= 3:
             break
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert not (crashed / "bundle").exists(), "killed before the end yet a bundle was written"
-    code, out, err = run_train(phantom_store, crashed, cache, "optim.iterations=8", "checkpoint_every=2", resume=True)
+    code, out, err = run_train(phantom_store, crashed, cache, "optim.iterations=6", "checkpoint_every=2", resume=True)
     assert code == 0, err
     assert "resuming" in out
     resumed = losses(crashed)
-    assert sorted(resumed) == list(range(1, 9))
+    assert sorted(resumed) == list(range(1, 7))
     assert resumed == expected, f"resumed losses differ:\n{resumed}\n{expected}"
 
 
