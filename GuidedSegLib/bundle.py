@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import secrets
+import shutil
 from pathlib import Path
 
 from .errors import GuidedSegError

@@ -43,7 +43,19 @@ def _parser() -> argparse.ArgumentParser:
     phantoms.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same store")
     phantoms.add_argument("--size", type=int, nargs=3, default=(96, 96, 64), metavar=("X", "Y", "Z"),
                           help="voxels per case (default 96 96 64)")
+    phantoms.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                          help="voxel size in mm (default: drawn per case, about 3.8 x 3.8 x 5)")
     phantoms.set_defaults(run=_run_phantoms)
+
+    segment = commands.add_parser("segment", help="segment a scan with a model bundle",
+                                  description="Segment a scan with a model bundle; the label map is written on the "
+                                              "scan's own grid (atomically; an existing output is refused).")
+    segment.add_argument("--model", type=Path, required=True, help="model bundle folder")
+    segment.add_argument("--input", type=Path, required=True, help="image file or DICOM folder")
+    segment.add_argument("--output", type=Path, required=True, help="label map file (.nii.gz, .nrrd, .seg.nrrd)")
+    segment.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    segment.add_argument("--ensemble", action="store_true", help="average networks A and B of a two-network bundle")
+    segment.set_defaults(run=_run_segment)
 
     store = commands.add_parser("store", help="create, inspect and add to a case store")
     store_commands = store.add_subparsers(title="store commands", metavar="STORE_COMMAND")
@@ -108,9 +120,27 @@ def _run_phantoms(args: argparse.Namespace) -> int:
     from .phantoms import write_phantom_store
 
     store = write_phantom_store(args.out, cases=args.cases, labeled=args.labeled, test=args.test, seed=args.seed,
-                                size=tuple(args.size), progress=lambda text: print(text, flush=True))
+                                size=tuple(args.size), spacing=tuple(args.spacing) if args.spacing else None,
+                                progress=lambda text: print(text, flush=True))
     print(f"wrote {store.root}: {len(store.cases('labeled'))} labeled, {len(store.cases('unlabeled'))} unlabeled, "
           f"{len(store.cases('test'))} test cases")
+    return 0
+
+
+def _run_segment(args: argparse.Namespace) -> int:
+    from .errors import InputFileError
+    from .imageio import read_image, write_label_map
+    from .inference import Predictor
+
+    if args.output.exists():
+        raise InputFileError(args.output, "already exists; choose another output (nothing is overwritten)")
+    image = read_image(args.input)
+    predictor = Predictor(args.model, args.device, args.ensemble)
+    label = predictor.segment(image)
+    names = {int(v): n for v, n in predictor.metadata["labels"].items() if int(v) != 0}
+    colours = {int(v): tuple(c) for v, c in predictor.metadata.get("colours", {}).items()}
+    write_label_map(label, args.output, names, colours)
+    print(f"wrote {args.output}")
     return 0
 
 

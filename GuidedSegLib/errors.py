@@ -12,7 +12,7 @@ class GuidedSegError(Exception):
 class InputFileError(GuidedSegError, ValueError):
     """A file that cannot be used: unreadable, wrong shape, wrong values, wrong geometry."""
 
-    def __init__(self, path: "str | os.PathLike[str]", problem: str):
+    def __init__(self, path: str | os.PathLike[str], problem: str):
         self.path = os.fspath(path)
         self.problem = " ".join(str(problem).split())  # one line, whatever the cause said
         super().__init__(f"{self.path}: {self.problem}")
@@ -21,7 +21,7 @@ class InputFileError(GuidedSegError, ValueError):
 class StoreError(GuidedSegError, ValueError):
     """A case store that is missing, malformed, or asked to do something it must refuse."""
 
-    def __init__(self, store: "str | os.PathLike[str]", problem: str):
+    def __init__(self, store: str | os.PathLike[str], problem: str):
         self.store = os.fspath(store)
         self.problem = " ".join(str(problem).split())
         super().__init__(f"{self.store}: {self.problem}")

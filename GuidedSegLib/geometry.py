@@ -18,7 +18,7 @@ class Grid:
     direction: tuple[float, ...]  # 9 values, row-major 3x3, columns are the axis directions
 
     @classmethod
-    def of(cls, image: sitk.Image) -> "Grid":
+    def of(cls, image: sitk.Image) -> Grid:
         return cls(
             tuple(int(s) for s in image.GetSize()),
             tuple(float(s) for s in image.GetSpacing()),
@@ -27,7 +27,7 @@ class Grid:
         )
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Grid":
+    def from_dict(cls, data: dict) -> Grid:
         return cls(
             tuple(int(s) for s in data["size"]),
             tuple(float(s) for s in data["spacing"]),
@@ -59,7 +59,7 @@ class Grid:
         m[:3, 3] = self.origin
         return m
 
-    def mismatch(self, other: "Grid", tolerance: float = 1e-4) -> str | None:
+    def mismatch(self, other: Grid, tolerance: float = 1e-4) -> str | None:
         """Why ``other`` is not the same grid as this one, or None when it is.
 
         Spacing and origin are compared relative to max(1, |value|) so that float32 storage

@@ -13,7 +13,7 @@ statistics use annotated voxels only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ class Batch:
     def n_labeled(self) -> int:
         return self.labels.shape[0]
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(*(t.to(device, non_blocking=True) for t in (self.image, self.labels, self.annotated, self.absent)))
 
     def annotated_voxels(self) -> torch.Tensor:
@@ -90,7 +90,7 @@ class MethodOptions:
     rectify_target: str = "soft"  # or "hard" (arg-max of G')
 
     @classmethod
-    def preset(cls, method: str, **changes) -> "MethodOptions":
+    def preset(cls, method: str, **changes) -> MethodOptions:
         """The options a method name stands for: ``cps`` is GuidedNet without KT-CPS and CGMM."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")

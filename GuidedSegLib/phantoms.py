@@ -627,14 +627,15 @@ def _acquire(b: _Builder, case: _Case) -> np.ndarray:
 
 
 def write_phantom_store(
-    out: "str | os.PathLike[str]",
+    out: str | os.PathLike[str],
     cases: int = 20,
     labeled: int = 4,
     test: int = 4,
     seed: int = 0,
     size: tuple[int, int, int] = (96, 96, 64),
     progress: Callable[[str], None] | None = None,
-) -> "CaseStore":
+    spacing: tuple[float, float, float] | None = None,
+) -> CaseStore:
     """Write a case store of phantoms: ``labeled`` of the ``cases`` training cases with labels, the
     rest unlabeled, plus ``test`` labeled test cases. The generator's labels of the unlabeled
     cases go to ``phantomTruth/`` (never read by training), to measure pseudo-labels against and
@@ -651,7 +652,7 @@ def write_phantom_store(
                              description=f"Synthetic abdominal CT phantoms (GuidedSeg generator, seed {seed}), "
                                          "13 FLARE22 organs.")
     for index in range(cases + test):
-        phantom = generate_phantom(seed * 100_000 + index, size=size)
+        phantom = generate_phantom(seed * 100_000 + index, size=size, spacing=spacing)
         case_id = f"phantom_{index:04d}"
         if index < labeled:
             store.add_labeled(phantom.image, phantom.label, case_id, source=f"phantom generator seed {seed}")

@@ -59,7 +59,7 @@ class PreprocessingPlan:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PreprocessingPlan":
+    def from_dict(cls, data: dict) -> PreprocessingPlan:
         data = dict(data)
         version = data.pop("version", PLAN_VERSION)
         if version > PLAN_VERSION:

@@ -93,7 +93,7 @@ class Splits:
 class CaseStore:
     """A case store folder. Opening reads only ``dataset.json``; nothing is written until asked."""
 
-    def __init__(self, root: "str | os.PathLike[str]"):
+    def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root).resolve()
         if not (self.root / DATASET_JSON).is_file():
             raise StoreError(root, f"is not a case store: no {DATASET_JSON}")
@@ -106,7 +106,7 @@ class CaseStore:
     @classmethod
     def create(
         cls,
-        root: "str | os.PathLike[str]",
+        root: str | os.PathLike[str],
         labels: Mapping[int, str],
         *,
         name: str | None = None,
@@ -114,7 +114,7 @@ class CaseStore:
         description: str = "",
         validation_fraction: float = 0.2,
         split_seed: int = 0,
-    ) -> "CaseStore":
+    ) -> CaseStore:
         """Create an empty store. ``labels`` maps values to names; 0 is background."""
         root = Path(root)
         if (root / DATASET_JSON).exists():
@@ -506,7 +506,7 @@ def _version_record(version, relative, path, source, model, annotated, absent) -
 
 
 def _split_hash(seed: int, case_id: str) -> float:
-    digest = hashlib.sha256(f"{seed}:{case_id}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}:{case_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 

@@ -208,7 +208,7 @@ class CropSampler:
         for count in (len(labeled), len(unlabeled)):
             if count % world:
                 raise ValueError(f"batch size {count} is not divisible by the {world} processes")
-        share = lambda items: items[rank * len(items) // world:(rank + 1) * len(items) // world]  # noqa: E731
+        share = lambda items: items[rank * len(items) // world:(rank + 1) * len(items) // world]
         images, labels, annotated, absent = [], [], [], []
         for stream, index, start, flips in share(labeled) + share(unlabeled):
             case = (self.labeled if stream == "labeled" else self.unlabeled)[index]
@@ -229,7 +229,7 @@ class CropSampler:
         }
 
     def _augment(self, array: np.ndarray, flips: tuple[int, ...], pad_value: float) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        tensor = torch.from_numpy(np.array(array, copy=True))  # memory-mapped slices are read-only
         if tuple(tensor.shape[1:]) != self.patch:
             tensor = self._pad(tensor, value=pad_value)
         if flips:
@@ -263,6 +263,5 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array)

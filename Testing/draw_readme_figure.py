@@ -11,13 +11,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import SimpleITK as sitk  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import SimpleITK as sitk
+from matplotlib.colors import ListedColormap
 
-from GuidedSegLib.labels import FLARE22_LABELS, label_colour  # noqa: E402
-from GuidedSegLib.phantoms import generate_phantom  # noqa: E402
+from GuidedSegLib.labels import FLARE22_LABELS, label_colour
+from GuidedSegLib.phantoms import generate_phantom
 
 
 def main(out: Path) -> None:

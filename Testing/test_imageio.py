@@ -13,7 +13,13 @@ import slicerio
 
 from GuidedSegLib.errors import InputFileError
 from GuidedSegLib.geometry import Grid
-from GuidedSegLib.imageio import read_grid, read_image, read_label_map, write_image, write_label_map
+from GuidedSegLib.imageio import (
+    read_grid,
+    read_image,
+    read_label_map,
+    write_image,
+    write_label_map,
+)
 
 SLICERIO_DATA = Path(slicerio.__file__).parent / "data"
 

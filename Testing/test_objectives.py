@@ -20,7 +20,6 @@ from GuidedSegLib.ktcps import ClassWeights
 from GuidedSegLib.networks import UNet3D, build_network, initialise
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's contention."""
@@ -308,7 +307,7 @@ def counts_batch(correct: list[int], wrong: int = 0, masked_out_correct: int = 0
         pred += [k] * masked_out_correct
         lab += [k] * masked_out_correct
         msk += [False] * masked_out_correct
-    t = lambda x, d: torch.tensor(x, dtype=d).unsqueeze(0)  # noqa: E731
+    t = lambda x, d: torch.tensor(x, dtype=d).unsqueeze(0)
     return t(pred, torch.long), t(lab, torch.long), t(msk, torch.bool)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,8 +22,8 @@ from GuidedSegLib.store import CaseStore
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from Training.config import ConfigError, load_config  # noqa: E402
-from Training.trainer import TrainingSetupError, train  # noqa: E402
+from Training.config import ConfigError, load_config
+from Training.trainer import TrainingSetupError, train
 
 TINY = ["network.widths=[4,8,16,32]", "network.feature_layer=3", "data.patch=[32,32,32]", "data.labeled_batch=2",
         "data.unlabeled_batch=2", "validation.every=1000", "checkpoint_every=1000"]

@@ -25,7 +25,7 @@ class ConfigError(GuidedSegError, ValueError):
 
 @dataclass
 class NetworkConfig:
-    widths: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])  # paper: [16, 32, 64, 128, 256]
+    widths: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])  # paper: [16, 32, 64, 128, 256]
     dropout: float = 0.3
     feature_layer: int = 4  # decoder block whose features the CGMM models (4 = last, full resolution)
 
@@ -34,7 +34,7 @@ class NetworkConfig:
 class DataConfig:
     preprocessing: str = "planned"  # "planned" from the training data, or a preset name
     patch: typing.Any = "auto"  # "auto" or [z, y, x]
-    patch_voxels: int = 64 * 64 * 32  # budget of an automatic patch
+    patch_voxels: int = 48 * 48 * 32  # budget of an automatic patch
     labeled_batch: int = 2  # global, over all processes
     unlabeled_batch: int = 2
     foreground: float = 0.33  # share of labeled crops centred on an annotated organ
@@ -45,7 +45,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    iterations: int = 300
+    iterations: int = 200
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -56,7 +56,7 @@ class OptimConfig:
 
 @dataclass
 class ValidationConfig:
-    every: int = 100  # iterations between validations (and at the end)
+    every: int = 50  # iterations between validations (and at the end)
     overlap: float = 0.5  # sliding-window overlap
     ensemble: bool = False  # average networks A and B (two-network methods)
 
@@ -75,6 +75,9 @@ class PhantomConfig:
     labeled: int = 4
     test: int = 4
     seed: int = 0
+    # Coarse voxels (x, y, z) keep the default job to minutes on a CPU: one crop holds the abdomen.
+    size: list[int] = field(default_factory=lambda: [48, 48, 32])
+    spacing: list[float] = field(default_factory=lambda: [8.0, 8.0, 10.0])
 
 
 @dataclass

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from GuidedSegLib.errors import GuidedSegError  # noqa: E402
-from Training.config import load_config  # noqa: E402
+from GuidedSegLib.errors import GuidedSegError
+from Training.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:

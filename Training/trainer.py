@@ -234,8 +234,10 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
                                          persistent_workers=False)
     report.start_bar(start, total)
     began, iteration, stopped = time.monotonic(), start, None
+    step_time = 0.0  # training steps only, without validation and checkpoints
     with StopRequest() as stop:
         for iteration, tensors in enumerate(loader, start=start):
+            step_began = time.monotonic()
             method.train()
             torch.manual_seed(_step_seed(config.seed, iteration, rank))  # dropout masks of this step
             lr = config.optim.lr * (1 - iteration / total) ** config.optim.poly_power
@@ -259,6 +261,9 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
             scaler.update()
             done = iteration + 1
             values = _mean_over_processes(losses, world)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_time += time.monotonic() - step_began
             elapsed = time.monotonic() - began
             report.step(done, total, values, elapsed / (done - start) * (total - done))
             log.step(done, lr, values)
@@ -295,7 +300,8 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     if rank == 0:
         if (output / BEST).is_file():
             method.load_state_dict(torch.load(output / BEST, map_location=device, weights_only=True)["model"])
-        bundle = _write_bundle(config, method, store, plan, patch, class_values, best, labeled_ids, splits, output)
+        cost = {"seconds_per_iteration": round(step_time / max(1, total - start), 4), "peak_memory_mb": _peak_memory_mb(device)}
+        bundle = _write_bundle(config, method, store, plan, patch, class_values, best, labeled_ids, splits, output, cost)
         report.message(format_table(best["validation"], store.labels))
         report.message(f"model bundle: {bundle}")
         report.emit({"stage": "done", "progress": 1.0, "bundle": str(bundle)})
@@ -357,7 +363,7 @@ def _open_store(config: TrainConfig, output: Path, report: Reporter, rank: int) 
             shutil.rmtree(partial, ignore_errors=True)
             count = iter(range(1, p.cases + p.test + 1))
             write_phantom_store(partial, cases=p.cases, labeled=p.labeled, test=p.test, seed=p.seed,
-                                progress=lambda _: report.stage("phantoms", next(count), p.cases + p.test))
+                                size=tuple(p.size), spacing=tuple(p.spacing), progress=lambda _: report.stage("phantoms", next(count), p.cases + p.test))
             os.replace(partial, root)
         if dist_utils.active():
             torch.distributed.barrier()
@@ -509,7 +515,16 @@ def format_table(validation: dict | None, labels: dict[int, str]) -> str:
     return "\n".join(lines)
 
 
-def _write_bundle(config, method, store, plan, patch, class_values, best, labeled_ids, splits, output) -> Path:
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on CUDA, else the process's peak resident memory."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: kB
+
+
+def _write_bundle(config, method, store, plan, patch, class_values, best, labeled_ids, splits, output, cost) -> Path:
     stride = config.inference.stride
     window = tuple(config.inference.patch or patch)
     stride = tuple(stride) if stride else tuple(max(1, w // 2) for w in window)
@@ -531,7 +546,7 @@ def _write_bundle(config, method, store, plan, patch, class_values, best, labele
             "labeled": {cid: store.case(cid).label_version for cid in labeled_ids},
             "validation": {cid: store.case(cid).label_version for cid in splits.validation},
             "unlabeled": len(splits.unlabeled), "iterations": config.optim.iterations,
-            "best_iteration": best["iteration"], "seed": config.seed, "config": config.to_dict(),
+            "best_iteration": best["iteration"], "seed": config.seed, "config": config.to_dict(), **cost,
         },
         "validation": best["validation"],
         "parent": None,
@@ -611,6 +626,5 @@ def _truncate_csv(path: Path, start: int) -> None:
     with open(path, newline="") as handle:
         rows = list(csv.reader(handle))
     kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= start] if start else []
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as handle:
-            csv.writer(handle).writerows(kept)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        csv.writer(handle).writerows(kept)

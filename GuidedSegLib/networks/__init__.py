@@ -19,4 +19,4 @@ def build_network(spec: dict):
     return ARCHITECTURES[name](**spec)
 
 
-__all__ = ["UNet3D", "initialise", "build_network", "ARCHITECTURES"]
+__all__ = ["ARCHITECTURES", "UNet3D", "build_network", "initialise"]
