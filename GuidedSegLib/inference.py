@@ -14,7 +14,12 @@ import SimpleITK as sitk
 import torch
 
 from .bundle import load_networks
-from .preprocessing import PreprocessingPlan, preprocess, restore_probabilities
+from .preprocessing import (
+    Preprocessed,
+    PreprocessingPlan,
+    preprocess,
+    restore_probabilities,
+)
 
 
 class Predictor:
@@ -32,7 +37,7 @@ class Predictor:
         self.class_values = [int(v) for v in self.metadata["labels"]]
 
     @torch.inference_mode()
-    def probabilities(self, image: sitk.Image) -> tuple[np.ndarray, object]:
+    def probabilities(self, image: sitk.Image) -> tuple[np.ndarray, Preprocessed]:
         """Class probabilities ``(K, z, y, x)`` on the preprocessed grid, and the preprocessing."""
         from monai.inferers import sliding_window_inference
 

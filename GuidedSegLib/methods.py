@@ -13,7 +13,7 @@ statistics use annotated voxels only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from . import cgmm
 from .ktcps import ClassWeights
 from .losses import exclusion_loss, marginal_dice_ce, weighted_cross_entropy
-from .networks import UNet3D, initialise
+from .networks import build_network, initialise
 
 METHODS = ("supervised", "cps", "guidednet")
 
@@ -90,12 +90,13 @@ class MethodOptions:
     rectify_target: str = "soft"  # or "hard" (arg-max of G')
 
     @classmethod
-    def preset(cls, method: str, **changes) -> MethodOptions:
-        """The options a method name stands for: ``cps`` is GuidedNet without KT-CPS and CGMM."""
+    def preset(cls, method: str, **settings) -> MethodOptions:
+        """The options for a method name: ``cps`` is GuidedNet with KT-CPS and the CGMM off,
+        whatever ``settings`` say about those two."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-        base = cls(kt_cps=False, cgmm=False) if method == "cps" else cls()
-        return base.__class__(**{**base.__dict__, **changes})
+        options = cls(**settings)
+        return replace(options, kt_cps=False, cgmm=False) if method == "cps" else options
 
 
 def ramp(iteration: int, total: int, fraction: float) -> float:
@@ -110,17 +111,14 @@ def ramp(iteration: int, total: int, fraction: float) -> float:
 class Method(nn.Module):
     """Base: networks in ``self.networks`` (a ModuleDict: "A", and "B" for two-network methods)."""
 
-    name = "method"
-
     def __init__(self, network: dict, num_classes: int, options: MethodOptions, iterations: int):
         super().__init__()
         self.num_classes, self.options, self.iterations = num_classes, options, iterations
         self.network_spec = {**network, "out_channels": num_classes}
         self.networks = nn.ModuleDict()
 
-    def _network(self, init: str) -> UNet3D:
-        spec = {k: v for k, v in self.network_spec.items() if k != "architecture"}
-        return initialise(UNet3D(**spec), init)
+    def _network(self, init: str) -> nn.Module:
+        return initialise(build_network(self.network_spec), init)
 
     def supervised(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """L_sup on the labeled crops: marginal 1/2 (Dice + CE) plus the exclusion term."""
@@ -133,8 +131,6 @@ class Method(nn.Module):
 
 class Supervised(Method):
     """One U-Net trained on labeled crops only (the supervised-only baseline)."""
-
-    name = "supervised"
 
     def __init__(self, network: dict, num_classes: int, options: MethodOptions, iterations: int):
         super().__init__(network, num_classes, options, iterations)
@@ -155,7 +151,6 @@ class CrossPseudo(Method):
 
     def __init__(self, network: dict, num_classes: int, options: MethodOptions, iterations: int):
         super().__init__(network, num_classes, options, iterations)
-        self.name = "guidednet" if (options.kt_cps or options.cgmm) else "cps"
         self.networks["A"] = self._network("kaiming")
         self.networks["B"] = self._network("xavier")
         if options.kt_cps:
@@ -194,16 +189,18 @@ class CrossPseudo(Method):
         zero = out["A"][1].sum() * 0.0
         parts = {k: zero for k in ("gt", "self", "max", "cons", "rectify")}
         posteriors = {}
-        rectify_mask = None
+        stride = out["A"][0].shape[-1] // out["A"][1].shape[-1]  # > 1 for a coarser feature layer
+
+        def coarse(t: torch.Tensor) -> torch.Tensor:  # a label-like map onto the feature grid
+            return t[:, ::stride, ::stride, ::stride] if stride > 1 else t
+
+        labels, known_here = coarse(batch.labels), coarse(known)
+        rectify_mask = coarse(batch.pseudo_label_voxels(include_annotated=False)) if o.loss_rectify else None
         for name in ("A", "B"):
             logits, features = out[name]
-            stride = logits.shape[-1] // features.shape[-1]
             probabilities = torch.softmax(logits.float(), 1)
-            if stride > 1:  # a coarser feature layer: bring labels and predictions to its grid
-                probabilities = F.avg_pool3d(probabilities, stride)
-            labels, known_here = batch.labels, known
             if stride > 1:
-                labels, known_here = (t[:, ::stride, ::stride, ::stride] for t in (labels, known))
+                probabilities = F.avg_pool3d(probabilities, stride)
             params = cgmm.fit(features[:n], labels, probabilities[:n], known_here, self.num_classes,
                               o.var_floor, o.mixing)
             if not bool(params.present.any()):  # no annotated voxel in any labeled crop: no mixture
@@ -219,9 +216,6 @@ class CrossPseudo(Method):
             if o.loss_max:
                 parts["max"] = parts["max"] + cgmm.loss_max(params)
             if o.loss_rectify:
-                if rectify_mask is None:
-                    mask = batch.pseudo_label_voxels(include_annotated=False)
-                    rectify_mask = mask[:, ::stride, ::stride, ::stride] if stride > 1 else mask
                 log_p = torch.log(probabilities.clamp_min(1e-8)) if stride > 1 else logits
                 parts["rectify"] = parts["rectify"] + cgmm.loss_rectify(
                     log_p, g, rectify_mask, hard=o.rectify_target == "hard", detach=o.detach_targets)

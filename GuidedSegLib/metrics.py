@@ -15,6 +15,14 @@ def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
     return 2.0 * int(np.logical_and(prediction, reference).sum()) / total
 
 
+def jaccard(prediction: np.ndarray, reference: np.ndarray) -> float:
+    """Jaccard (intersection over union) of two boolean masks; 1.0 when both are empty."""
+    union = int(np.logical_or(prediction, reference).sum())
+    if union == 0:
+        return 1.0
+    return int(np.logical_and(prediction, reference).sum()) / union
+
+
 def per_class_dice(prediction: np.ndarray, reference: np.ndarray, classes: Iterable[int]) -> dict[int, float]:
     """Dice of each class value in ``classes`` (the annotated organs of the reference)."""
     return {int(k): dice(prediction == k, reference == k) for k in classes}

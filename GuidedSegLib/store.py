@@ -233,6 +233,14 @@ class CaseStore:
         return Splits(train, validation, [c.case_id for c in self.cases("unlabeled")],
                       [c.case_id for c in self.cases("test")])
 
+    def read_label(self, case: Case | str) -> LabelMap:
+        """The current label of a labeled or test case, on its image's grid, checked against the
+        store's label set (InputFileError naming the file otherwise)."""
+        case = self.case(case) if isinstance(case, str) else case
+        if case.label is None:
+            raise StoreError(self.root, f"case {case.case_id!r} has no label")
+        return self._read_label(case.label, read_grid(case.image))
+
     def history(self, case_id: str) -> list[dict]:
         return [dict(h) for h in self.case(case_id).history]
 

@@ -27,8 +27,7 @@ import torch
 from monai.data import set_track_meta
 from monai.transforms import Flip, SpatialPad
 
-from .errors import InputFileError
-from .imageio import atomic_path, label_map_from_image, read_image
+from .imageio import atomic_path, read_image
 from .preprocessing import PreprocessingPlan, preprocess
 from .store import Case, CaseStore
 
@@ -52,26 +51,25 @@ class PreparedCase:
     def image(self) -> np.ndarray:
         return np.load(self.image_file, mmap_mode="r")
 
-    def label(self) -> np.ndarray:
-        """Class indices ``(z, y, x)`` with unannotated organs set to background."""
-        label = np.load(self.label_file)
+    def label(self, window: tuple[slice, ...] = (...,)) -> np.ndarray:
+        """Class indices of ``window`` (default: all) with unannotated organs set to background."""
+        label = np.array(np.load(self.label_file, mmap_mode="r")[window])
         if not self.annotated.all():
-            label = np.where(self.annotated[label], label, 0).astype(label.dtype)
+            label[~self.annotated[label]] = 0
         return label
 
 
 class TrainingData:
     """Prepares store cases for training under one preprocessing plan.
 
-    ``class_values``: the store's label values in class order (index 0 = background value 0).
+    Classes are the store's label values in ascending order (class 0 = background = value 0).
     ``partial_labels``: True reads a case's unannotated organs as unknown (methods.md 3);
     False is the plain reading (everything not labeled is background), kept for comparison.
     """
 
-    def __init__(self, store: CaseStore, plan: PreprocessingPlan, class_values: Sequence[int], cache: Path,
-                 partial_labels: bool = True):
+    def __init__(self, store: CaseStore, plan: PreprocessingPlan, cache: Path, partial_labels: bool = True):
         self.store, self.plan, self.partial_labels = store, plan, partial_labels
-        self.class_values = [int(v) for v in class_values]
+        self.class_values = sorted(store.labels)
         key = json.dumps({"plan": plan.to_dict(), "classes": self.class_values, "v": CACHE_VERSION}, sort_keys=True)
         self.cache = Path(cache) / hashlib.sha1(key.encode()).hexdigest()[:12]
         self.lookup = np.zeros(max(self.class_values) + 1, dtype=np.uint8)
@@ -122,13 +120,9 @@ class TrainingData:
         image = read_image(case.image)
         label = None
         if case.label is not None:
-            label_image = read_image(case.label)
-            label_map = label_map_from_image(label_image, case.label)
-            label = self._class_indices(label_map.image, case.label)
-            if label.GetSize() != image.GetSize():
-                raise InputFileError(case.label, f"has size {list(label.GetSize())} but its image "
-                                                 f"{case.image.name} has {list(image.GetSize())}")
-            label.CopyInformation(image)  # the store checked the grids at ingest
+            values = self.store.read_label(case).image  # on the image grid, values checked
+            label = sitk.GetImageFromArray(self.lookup[sitk.GetArrayFromImage(values)])
+            label.CopyInformation(values)
         result = preprocess(image, self.plan, label)
         array = sitk.GetArrayFromImage(result.image).astype(np.float32, copy=False)
         _save_npy(stem.with_name(case.case_id + ".image.npy"), array)
@@ -147,16 +141,6 @@ class TrainingData:
                 with open(tmp, "wb") as handle:
                     np.savez(handle, **found)
         return {"fingerprint": fingerprint, "shape": list(array.shape), "background": float(array.min())}
-
-    def _class_indices(self, label: sitk.Image, where: Path) -> sitk.Image:
-        values = np.unique(sitk.GetArrayViewFromImage(label))
-        unknown = sorted(int(v) for v in values if int(v) not in self.class_values)
-        if unknown:
-            raise InputFileError(where, f"holds label values {unknown} outside the store's label set "
-                                        f"{sorted(self.class_values)} (see dataset.json 'labels')")
-        out = sitk.GetImageFromArray(self.lookup[sitk.GetArrayFromImage(label)])
-        out.CopyInformation(label)
-        return out
 
 
 class CropSampler:
@@ -216,8 +200,7 @@ class CropSampler:
             image = self._augment(np.asarray(case.image()[window], dtype=np.float32)[None], flips, case.background)
             images.append(image)
             if stream == "labeled":
-                label = case.label()[window][None]
-                labels.append(self._augment(label.astype(np.int64), flips, 0)[0])
+                labels.append(self._augment(case.label(window)[None].astype(np.int64), flips, 0)[0])
                 annotated.append(torch.from_numpy(case.annotated))
                 absent.append(torch.from_numpy(case.absent))
         k = len(self.labeled[0].annotated)

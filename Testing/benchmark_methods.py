@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from GuidedSegLib.imageio import read_image
 from GuidedSegLib.inference import Predictor
+from GuidedSegLib.metrics import dice, jaccard
 from GuidedSegLib.store import CaseStore
 
 
@@ -68,10 +69,8 @@ def evaluate(bundle: Path, store: CaseStore) -> dict[int, list[tuple[float, floa
         reference = sitk.GetArrayFromImage(read_image(case.label))
         for value in store.annotated_labels(case):
             p, r = prediction == value, reference == value
-            if not r.any():
-                continue
-            inter, union = np.logical_and(p, r).sum(), np.logical_or(p, r).sum()
-            scores.setdefault(value, []).append((2 * inter / (p.sum() + r.sum()), inter / union))
+            if r.any():
+                scores.setdefault(value, []).append((dice(p, r), jaccard(p, r)))
     return scores
 
 

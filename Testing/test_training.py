@@ -205,7 +205,7 @@ def test_labels_outside_the_label_set_are_refused(tmp_path):
     data = json.loads((source / "dataset.json").read_text())
     data["labels"] = {"0": "background", "1": "liver"}  # the files hold 13 organs
     (source / "dataset.json").write_text(json.dumps(data))
-    with pytest.raises(Exception, match=r"labelsTr.*label values \[2, 3.*outside the store's label set"):
+    with pytest.raises(Exception, match=r"labelsTr.*label values \[2, 3.*not in the store's label set"):
         train(config(source, tmp_path / "run"), progress="none")
 
 

@@ -102,10 +102,7 @@ class TrainConfig:
 
     def method_options(self) -> MethodOptions:
         """The objective switches for the chosen method (``cps`` turns KT-CPS and the CGMM off)."""
-        options = dataclasses.asdict(self.objective)
-        if self.method == "cps":
-            options.update(kt_cps=False, cgmm=False)
-        return MethodOptions(**options)
+        return MethodOptions.preset(self.method, **dataclasses.asdict(self.objective))
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:

@@ -53,6 +53,7 @@ mkdir -p "$out/segmentations"
 import subprocess, sys
 from pathlib import Path
 import numpy as np, SimpleITK as sitk
+from GuidedSegLib.metrics import dice
 from GuidedSegLib.store import CaseStore
 store, bundle, folder, guidedseg = CaseStore(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 scores = {}
@@ -63,7 +64,7 @@ for case in store.cases("test"):
     p, r = (sitk.GetArrayFromImage(sitk.ReadImage(str(f))) for f in (out, case.label))
     for value in store.annotated_labels(case):
         if (r == value).any():
-            scores.setdefault(value, []).append(2 * ((p == value) & (r == value)).sum() / ((p == value).sum() + (r == value).sum()))
+            scores.setdefault(value, []).append(dice(p == value, r == value))
 print(f"test Dice over {len(store.cases('test'))} phantoms (mean, n cases):")
 for value, s in sorted(scores.items()):
     print(f"  {store.labels[value]:<22} {np.mean(s):.3f}  n={len(s)}")

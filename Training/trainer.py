@@ -174,19 +174,17 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
         report.message(f"note: {store.root} has no unlabeled case; {config.method} learns from labeled crops only")
 
     plan = _plan(config, store, labeled_ids, output, resume, report, rank)
-    class_values = sorted(store.labels)
     cache = Path(config.data.cache) if config.data.cache else output / "cache"
-    data = TrainingData(store, plan, class_values, cache, config.data.partial_labels)
-    prepared = {}
-    for kind, ids in (("train", labeled_ids), ("validation", splits.validation), ("unlabeled", splits.unlabeled)):
-        cases = [store.case(i) for i in ids]
-        if rank == 0:
-            prepared[kind] = data.prepare(cases, lambda i, n, cid, k=kind: report.stage(f"prepare-{k}", i, n, case=cid))
-    if world > 1:
+    data = TrainingData(store, plan, cache, config.data.partial_labels)
+    class_values = data.class_values
+    groups = {"train": labeled_ids, "validation": splits.validation, "unlabeled": splits.unlabeled}
+    if rank != 0:
+        torch.distributed.barrier()  # rank 0 fills the cache first; the others then read it
+    prepared = {kind: data.prepare([store.case(i) for i in ids],
+                                   lambda i, n, cid, k=kind: report.stage(f"prepare-{k}", i, n, case=cid))
+                for kind, ids in groups.items()}
+    if rank == 0 and world > 1:
         torch.distributed.barrier()
-        if rank != 0:
-            for kind, ids in (("train", labeled_ids), ("validation", splits.validation), ("unlabeled", splits.unlabeled)):
-                prepared[kind] = data.prepare([store.case(i) for i in ids])
 
     method_name = config.method
     network_spec = {"architecture": "unet3d", "in_channels": 1, **dataclasses.asdict(config.network)}
@@ -235,10 +233,10 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     report.start_bar(start, total)
     began, iteration, stopped = time.monotonic(), start, None
     step_time = 0.0  # training steps only, without validation and checkpoints
+    method.train()  # validation switches to eval and back
     with StopRequest() as stop:
         for iteration, tensors in enumerate(loader, start=start):
             step_began = time.monotonic()
-            method.train()
             torch.manual_seed(_step_seed(config.seed, iteration, rank))  # dropout masks of this step
             lr = config.optim.lr * (1 - iteration / total) ** config.optim.poly_power
             for group in optimiser.param_groups:
@@ -260,9 +258,7 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
             scaler.step(optimiser)
             scaler.update()
             done = iteration + 1
-            values = _mean_over_processes(losses, world)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            values = _mean_over_processes(losses, world)  # .tolist() waits for the GPU, so the timing is real
             step_time += time.monotonic() - step_began
             elapsed = time.monotonic() - began
             report.step(done, total, values, elapsed / (done - start) * (total - done))
@@ -493,7 +489,7 @@ def _validate(method, cases, patch, config: TrainConfig, device, class_values, r
                                                  mode="gaussian")
         prediction = probabilities.argmax(1)[0].cpu().numpy()
         reference = case.label()
-        organs = [k for k in range(1, len(class_values)) if case.annotated[k] and k in case.locations]
+        organs = sorted(case.locations)  # annotated organs present in the reference
         scores.append({class_values[k]: d for k, d in per_class_dice(prediction, reference, organs).items()})
     method.train()
     if world > 1:
