@@ -10,6 +10,7 @@ A bundle is written once, into a temporary folder renamed into place; it is neve
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -70,19 +71,52 @@ def read_metadata(folder: str | os.PathLike) -> dict:
     return metadata
 
 
+def check_metadata(folder: str | os.PathLike, metadata: dict) -> None:
+    """Refuse a model.json whose parts do not fit together (labels vs the network's head,
+    patch vs stride, a preprocessing plan this library cannot read)."""
+    from .preprocessing import PreprocessingPlan
+
+    for key in ("network", "labels", "preprocessing", "patch", "stride", "networks"):
+        if key not in metadata:
+            raise BundleError(folder, f"model.json has no {key!r}")
+    labels = metadata["labels"]
+    if not isinstance(labels, dict) or "0" not in labels or not all(str(v).isdigit() for v in labels):
+        raise BundleError(folder, "model.json 'labels' must map label values (with 0, background) to names")
+    head = metadata["network"].get("out_channels")
+    if head != len(labels):
+        raise BundleError(folder, f"its labels do not match its network: {len(labels)} labels "
+                                  f"({', '.join(labels.values())}) but the network's head has {head} outputs")
+    patch, stride = metadata["patch"], metadata["stride"]
+    if len(patch) != 3 or len(stride) != 3 or min(patch) < 1 or min(stride) < 1:
+        raise BundleError(folder, f"patch {patch} and stride {stride} must be three positive sizes (z, y, x)")
+    try:
+        PreprocessingPlan.from_dict(metadata["preprocessing"])
+    except (TypeError, ValueError) as error:
+        raise BundleError(folder, f"its preprocessing cannot be used: {error}") from None
+
+
 def load_networks(folder: str | os.PathLike, device="cpu", names=None) -> tuple[dict, dict]:
-    """(metadata, name -> network in eval mode) from a bundle; weights are read as tensors only."""
-    from safetensors import SafetensorError
+    """(metadata, name -> network in eval mode) from a bundle; weights are read as tensors only.
+
+    safetensors holds nothing but tensors, so a weights file that is anything else (a pickle
+    that could run code on loading) fails to parse and is refused. Tensors are placed straight
+    on ``device``: a bundle made on a GPU loads on a CPU and the reverse.
+    """
     from safetensors.torch import load_file
 
     from .networks import build_network
 
     folder = Path(folder)
     metadata = read_metadata(folder)
+    check_metadata(folder, metadata)
+    unknown = sorted(set(names or []) - set(metadata["networks"]))
+    if unknown:
+        raise BundleError(folder, f"has no network {', '.join(unknown)} (it holds {', '.join(metadata['networks'])})")
+    path = folder / WEIGHTS_FILE
     try:
-        tensors = load_file(str(folder / WEIGHTS_FILE), device=str(device))
-    except (OSError, SafetensorError) as error:
-        raise BundleError(folder / WEIGHTS_FILE, f"cannot be read as safetensors weights ({error})") from None
+        tensors = load_file(str(path), device=str(device))
+    except Exception as error:  # safetensors raises several types for a file that is not its format
+        raise BundleError(path, f"cannot be read as safetensors weights (tensors only): {_first_line(error)}") from None
     networks = {}
     for name in names or metadata["networks"]:
         network = build_network(metadata["network"])
@@ -95,3 +129,68 @@ def load_networks(folder: str | os.PathLike, device="cpu", names=None) -> tuple[
                                       f"({str(error).splitlines()[0]})") from None
         networks[name] = network.to(device).eval()
     return metadata, networks
+
+
+def weights_summary(folder: str | os.PathLike) -> dict:
+    """Tensor count, parameter count, dtypes and size of a bundle's weights, read from the
+    safetensors header alone (no tensor is loaded)."""
+    path = Path(folder) / WEIGHTS_FILE
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 0 < length <= 100 * 2**20:
+                raise ValueError("no safetensors header")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError) as error:
+        raise BundleError(path, f"cannot be read as safetensors weights (tensors only): {_first_line(error)}") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    count = sum(math.prod(v["shape"]) for v in tensors.values())
+    return {"file": str(path), "bytes": path.stat().st_size, "tensors": len(tensors), "parameters": count,
+            "dtypes": sorted({v["dtype"] for v in tensors.values()})}
+
+
+def describe_bundle(folder: str | os.PathLike) -> str:
+    """A readable account of a bundle: what it segments, how it was trained, how well it did."""
+    metadata = read_metadata(folder)
+    check_metadata(folder, metadata)
+    weights = weights_summary(folder)
+    plan = metadata["preprocessing"]
+    training = metadata.get("training") or {}
+    network = metadata["network"]
+    lines = [
+        f"bundle     {Path(folder)}",
+        f"name       {metadata.get('name', '-')}  (format {metadata['format']}, GuidedSeg "
+        f"{metadata.get('library_version', '?')}, created {metadata.get('created', '?')})",
+        f"method     {metadata.get('method', '?')}; networks {', '.join(metadata['networks'])}; "
+        f"{network.get('architecture', '?')} widths {network.get('widths')}; {weights['parameters']:,} parameters "
+        f"in {weights['tensors']} tensors ({weights['bytes'] / 2**20:.1f} MB, {', '.join(weights['dtypes'])})",
+        f"input      {plan.get('modality')}; orientation {plan.get('orientation')}; spacing "
+        f"{plan.get('target_spacing')} mm (x, y, z); clip {plan.get('clip')}; {plan.get('normalisation')} "
+        f"normalisation ({plan.get('source')})",
+        f"windows    patch {metadata['patch']} stride {metadata['stride']} (z, y, x)",
+    ]
+    if training:
+        lines.append(f"training   {len(training.get('labeled', {}))} labeled + {training.get('unlabeled', 0)} unlabeled "
+                     f"cases of store {training.get('store_name', '?')}; {training.get('iterations', '?')} iterations "
+                     f"(best {training.get('best_iteration', '?')}); {training.get('seconds_per_iteration', '?')} s/it, "
+                     f"peak memory {training.get('peak_memory_mb', '?')} MB")
+    if metadata.get("parent"):
+        lines.append(f"parent     {metadata['parent']}")
+    validation = metadata.get("validation") or {}
+    per_organ = validation.get("per_organ", {})
+    lines.append(f"labels     {'value':>5}  {'name':<24} {'colour':<17} validation Dice (n)")
+    for value, name in metadata["labels"].items():
+        colour = metadata.get("colours", {}).get(value)
+        score = per_organ.get(value)
+        shown = f"{score['dice']:.3f} ± {score['sd']:.3f} ({score['n']})" if score else "-"
+        colour_text = ",".join(f"{c:.2f}" for c in colour) if colour else "-"
+        lines.append(f"           {value:>5}  {name:<24} {colour_text:<17} {shown}")
+    if validation:
+        lines.append(f"validation mean Dice {validation.get('mean_dice', float('nan')):.4f} over "
+                     f"{validation.get('cases', '?')} cases")
+    return "\n".join(lines)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else error.__class__.__name__

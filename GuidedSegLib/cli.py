@@ -1,9 +1,10 @@
-"""The ``guidedseg`` command line: phantoms and the case store (more subcommands join as they come)."""
+"""The ``guidedseg`` command line: phantoms, the case store, segmentation, bundles, evaluation."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,15 +48,46 @@ def _parser() -> argparse.ArgumentParser:
                           help="voxel size in mm (default: drawn per case, about 3.8 x 3.8 x 5)")
     phantoms.set_defaults(run=_run_phantoms)
 
-    segment = commands.add_parser("segment", help="segment a scan with a model bundle",
-                                  description="Segment a scan with a model bundle; the label map is written on the "
-                                              "scan's own grid (atomically; an existing output is refused).")
+    segment = commands.add_parser("segment", help="segment scans with a model bundle",
+                                  description="Segment a scan, or every scan in a folder, with a model bundle loaded "
+                                              "once. Label maps are written on each scan's own grid, atomically; "
+                                              "existing outputs are refused before anything runs.")
     segment.add_argument("--model", type=Path, required=True, help="model bundle folder")
-    segment.add_argument("--input", type=Path, required=True, help="image file or DICOM folder")
-    segment.add_argument("--output", type=Path, required=True, help="label map file (.nii.gz, .nrrd, .seg.nrrd)")
-    segment.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    segment.add_argument("--input", type=Path, required=True,
+                         help="image file, DICOM series folder, or a folder of image files")
+    segment.add_argument("--output", type=Path, required=True,
+                         help="label map file (.nii.gz, .nrrd, .seg.nrrd, ...), or a folder for a folder of scans "
+                              "(same file names)")
+    segment.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     segment.add_argument("--ensemble", action="store_true", help="average networks A and B of a two-network bundle")
+    segment.add_argument("--lcc", action="store_true", help="keep only the largest connected piece of each organ")
+    segment.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                         help="a progress bar on stderr, or one JSON object per line on stdout (for the Slicer panel)")
     segment.set_defaults(run=_run_segment)
+
+    bundle = commands.add_parser("bundle", help="inspect model bundles")
+    bundle_commands = bundle.add_subparsers(title="bundle commands", metavar="BUNDLE_COMMAND")
+    bundle_info = bundle_commands.add_parser("info", help="print what a model bundle holds")
+    bundle_info.add_argument("bundle", type=Path)
+    bundle_info.add_argument("--json", action="store_true", help="print model.json and the weights summary as JSON")
+    bundle_info.set_defaults(run=_run_bundle_info)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="score label maps against references: Dice, Jaccard, HD95, ASD",
+        description="Score predicted label maps against reference label maps: per case and organ Dice, Jaccard, "
+                    "HD95 and average surface distance in mm (MONAI metrics), mean and SD per organ over the "
+                    "(case, organ) pairs whose reference is annotated, written as CSV and Markdown, with a bar "
+                    "chart of Dice per organ and overlay pictures of each case.")
+    evaluate.add_argument("--pred", type=Path, required=True, help="predicted label map, or a folder of them")
+    evaluate.add_argument("--ref", type=Path, required=True,
+                          help="reference label map, a folder of them, or a case store (its test cases)")
+    evaluate.add_argument("--labels", type=Path,
+                          help="label names: a bundle folder, its model.json, or a dataset.json (a store's also "
+                               "gives each case's annotated organs)")
+    evaluate.add_argument("--images", type=Path, help="the scans (file or folder), for the overlay pictures")
+    evaluate.add_argument("--output", type=Path, required=True, help="new folder for the report (never overwritten)")
+    evaluate.add_argument("--slices", type=int, default=3, help="overlay slices per case (default 3; 0: none)")
+    evaluate.set_defaults(run=_run_evaluate)
 
     store = commands.add_parser("store", help="create, inspect and add to a case store")
     store_commands = store.add_subparsers(title="store commands", metavar="STORE_COMMAND")
@@ -128,19 +160,53 @@ def _run_phantoms(args: argparse.Namespace) -> int:
 
 
 def _run_segment(args: argparse.Namespace) -> int:
-    from .errors import InputFileError
-    from .imageio import read_image, write_label_map
-    from .inference import Predictor
+    from .batch import Interrupted, plan_jobs, run_jobs, stop_on_signals
+    from .progress import Reporter
 
-    if args.output.exists():
-        raise InputFileError(args.output, "already exists; choose another output (nothing is overwritten)")
-    image = read_image(args.input)
-    predictor = Predictor(args.model, args.device, args.ensemble)
-    label = predictor.segment(image)
-    names = {int(v): n for v, n in predictor.metadata["labels"].items() if int(v) != 0}
-    colours = {int(v): tuple(c) for v, c in predictor.metadata.get("colours", {}).items()}
-    write_label_map(label, args.output, names, colours)
-    print(f"wrote {args.output}")
+    reporter = Reporter(args.progress)
+    try:
+        with stop_on_signals():
+            jobs = plan_jobs(args.input, args.output)
+            reporter.stage("load", 0, 1, model=str(args.model))
+            from .inference import Predictor
+
+            predictor = Predictor(args.model, args.device, args.ensemble)
+            written = run_jobs(predictor, jobs, reporter, lcc=args.lcc)
+    except GuidedSegError as error:
+        reporter.close()
+        reporter.emit({"stage": "error", "message": str(error)})
+        raise
+    except Interrupted as stop:
+        reporter.close()
+        reporter.emit({"stage": "stopped", "signal": stop.signum})
+        print(f"guidedseg: stopped by signal {stop.signum}; no partial output was left", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Temporary files are gone already (the exception unwound through the writers); skip the
+        # interpreter's slow teardown of torch so the process ends promptly.
+        os._exit(128 + stop.signum)
+    if args.progress != "json":
+        print(f"wrote {len(written)} label map(s)" + (f": {written[0]}" if len(written) == 1 else f" into {args.output}"))
+    return 0
+
+
+def _run_bundle_info(args: argparse.Namespace) -> int:
+    from .bundle import describe_bundle, read_metadata, weights_summary
+
+    if args.json:
+        print(json.dumps({**read_metadata(args.bundle), "weights": weights_summary(args.bundle)}, indent=2))
+    else:
+        print(describe_bundle(args.bundle))
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_folders
+
+    report = evaluate_folders(args.pred, args.ref, args.output, labels=args.labels, images=args.images,
+                              slices=args.slices, progress=lambda text: print(text, file=sys.stderr, flush=True))
+    print(report.markdown_summary())
+    print(f"report written to {args.output}")
     return 0
 
 

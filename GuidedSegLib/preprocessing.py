@@ -8,7 +8,7 @@ among them the GuidedNet paper's abdominal-CT settings.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -231,30 +231,59 @@ def restore_label(label: sitk.Image, source: Grid) -> sitk.Image:
 
 
 def restore_probabilities(
-    probabilities: np.ndarray | Iterable[np.ndarray],
+    probabilities: np.ndarray,
     grid: Grid,
     source: Grid,
+    slab_voxels: int = 1 << 21,
+    progress: Callable[[float], None] | None = None,
 ) -> sitk.Image:
     """Turn class probabilities in preprocessed space into a label map on the input's own grid.
 
-    ``probabilities``: (C, z, y, x) array on ``grid`` (or an iterable of C (z, y, x) arrays).
-    Each class is resampled linearly onto ``source`` and the arg-max kept as it goes, so memory
-    stays at two full-resolution float32 volumes whatever C is. Returns uint8 (uint16 if C > 256).
+    ``probabilities``: (C, z, y, x) array on ``grid`` (any float dtype; float16 halves memory).
+    The input grid is filled slab by slab (about ``slab_voxels`` voxels each): for each slab,
+    each class is resampled linearly from just the block of ``grid`` that covers it, and the
+    arg-max kept as it goes. Memory therefore stays at a few slabs whatever the scan's size and
+    the number of classes. Points beyond the outermost voxel centres take the nearest value.
+    Returns class indices as uint8 (uint16 if C > 256).
     """
-    best = None
-    label = None
-    for value, channel in enumerate(probabilities):
-        moving = grid.apply(sitk.GetImageFromArray(np.asarray(channel, dtype=np.float32)))
-        upsampled = sitk.GetArrayFromImage(resample(moving, source, sitk.sitkLinear, 1.0 if value == 0 else 0.0))
-        if best is None:
-            best = upsampled
-            label = np.zeros(best.shape, dtype=np.uint16)
-        else:
+    channels = probabilities.shape[0]
+    if channels == 0:
+        raise ValueError("no probability channels given")
+    if tuple(probabilities.shape[1:]) != tuple(grid.size[::-1]):
+        raise ValueError(f"probabilities of shape {probabilities.shape[1:]} do not fit grid size {grid.size[::-1]}")
+    nx, ny, nz = source.size
+    dtype = np.uint8 if channels <= 256 else np.uint16
+    label = np.zeros((nz, ny, nx), dtype=dtype)
+    to_grid = np.linalg.inv(grid.index_to_physical_matrix()) @ source.index_to_physical_matrix()
+    grid_matrix = grid.index_to_physical_matrix()
+    slab = max(1, slab_voxels // max(1, nx * ny))
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetInterpolator(sitk.sitkLinear)
+    resampler.SetUseNearestNeighborExtrapolator(True)
+    for z0 in range(0, nz, slab):
+        z1 = min(nz, z0 + slab)
+        origin = (source.index_to_physical_matrix() @ np.array([0.0, 0.0, z0, 1.0]))[:3]
+        resampler.SetReferenceImage(Grid((nx, ny, z1 - z0), source.spacing, tuple(origin), source.direction)
+                                    .reference_image())
+        corners = np.array([[i, j, k, 1.0] for i in (0, nx - 1) for j in (0, ny - 1) for k in (z0, z1 - 1)])
+        inside = (to_grid @ corners.T)[:3]  # continuous (x, y, z) indices in ``grid``
+        lo = np.clip(np.floor(inside.min(axis=1)).astype(int) - 1, 0, np.asarray(grid.size) - 1)
+        hi = np.clip(np.ceil(inside.max(axis=1)).astype(int) + 2, lo + 1, np.asarray(grid.size))
+        block_origin = (grid_matrix @ np.append(lo, 1.0))[:3]
+        best = None
+        for value in range(channels):
+            block = np.asarray(probabilities[value, lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]], dtype=np.float32)
+            moving = sitk.GetImageFromArray(block)
+            moving.SetSpacing(grid.spacing)
+            moving.SetOrigin(tuple(block_origin))
+            moving.SetDirection(grid.direction)
+            upsampled = sitk.GetArrayFromImage(resampler.Execute(moving))
+            if best is None:
+                best = upsampled
+                continue
             better = upsampled > best
             best[better] = upsampled[better]
-            label[better] = value
-    if label is None:
-        raise ValueError("no probability channels given")
-    dtype = np.uint8 if label.max(initial=0) <= 255 else np.uint16
-    return source.apply(sitk.GetImageFromArray(label.astype(dtype, copy=False)))
-
+            label[z0:z1][better] = value
+        if progress is not None:
+            progress(z1 / nz)
+    return source.apply(sitk.GetImageFromArray(label))

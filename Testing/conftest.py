@@ -71,3 +71,65 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture
 def oblique():
     return oblique_case()
+
+
+# ----------------------------------------------------------------------------------------------
+# One small trained model for the whole session (the training test checks how well it learned;
+# the inference and panel tests use its bundle).
+
+THREE_ORGANS = {1: "liver", 2: "spleen", 3: "kidney"}
+
+
+def three_organ_phantom(seed: int):
+    """A coarse phantom (8 x 8 x 10 mm, so one crop holds the abdomen) whose label keeps three
+    organs: liver, spleen, and both kidneys as one. Returns (image, label)."""
+    from GuidedSegLib.phantoms import generate_phantom
+
+    phantom = generate_phantom(seed, size=(48, 48, 32), spacing=(8.0, 8.0, 10.0))
+    merge = np.zeros(14, np.uint8)
+    merge[[1, 3, 2, 13]] = [1, 2, 3, 3]
+    label = sitk.GetImageFromArray(merge[sitk.GetArrayFromImage(phantom.label)])
+    label.CopyInformation(phantom.label)
+    return phantom.image, label
+
+
+@pytest.fixture(scope="session")
+def three_organ_store(tmp_path_factory) -> Path:
+    """4 labeled and 2 unlabeled three-organ phantoms."""
+    from GuidedSegLib.store import CaseStore
+
+    root = tmp_path_factory.mktemp("three") / "store"
+    store = CaseStore.create(root, THREE_ORGANS)
+    for i in range(6):
+        image, label = three_organ_phantom(700 + i)
+        if i < 4:
+            store.add_labeled(image, label, f"case_{i}")
+        else:
+            store.add_unlabeled(image, f"case_{i}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def three_organ_run(three_organ_store, tmp_path_factory):
+    """Supervised training of a tiny U-Net for 120 iterations (about a minute on 2 cores).
+    Returns (output folder, exit code, stdout, stderr); the bundle is ``output / "bundle"``."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    output = tmp_path_factory.mktemp("three-run") / "run"
+    command = [sys.executable, str(root / "Training" / "train.py"), "--store", str(three_organ_store),
+               "--output", str(output), "--method", "supervised", "--device", "cpu", "--progress", "json",
+               f"data.cache={output.parent / 'cache'}", "network.widths=[4,8,16,32]", "network.feature_layer=3",
+               "data.labeled_batch=2", "data.unlabeled_batch=2", "checkpoint_every=1000", "optim.iterations=120",
+               "validation.every=60", "data.patch=[32,48,48]"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return output, done.returncode, done.stdout, done.stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(three_organ_run) -> Path:
+    output, code, _, err = three_organ_run
+    assert code == 0, err
+    return output / "bundle"

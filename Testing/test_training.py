@@ -65,29 +65,9 @@ def losses(output: Path) -> dict[int, float]:
         return {int(r["iteration"]): float(r["total"]) for r in csv.DictReader(handle)}
 
 
-@pytest.fixture(scope="module")
-def three_organ_store(tmp_path_factory) -> Path:
-    """Coarse phantoms (8 x 8 x 10 mm, so one crop holds the whole abdomen) with three organs
-    (liver, spleen, both kidneys as one): 4 labeled, 2 unlabeled."""
-    root = tmp_path_factory.mktemp("three") / "store"
-    store = CaseStore.create(root, {1: "liver", 2: "spleen", 3: "kidney"})
-    merge = np.zeros(14, np.uint8)
-    merge[[1, 3, 2, 13]] = [1, 2, 3, 3]
-    for i in range(6):
-        phantom = generate_phantom(700 + i, size=(48, 48, 32), spacing=(8.0, 8.0, 10.0))
-        if i < 4:
-            label = sitk.GetImageFromArray(merge[sitk.GetArrayFromImage(phantom.label)])
-            label.CopyInformation(phantom.label)
-            store.add_labeled(phantom.image, label, f"case_{i}")
-        else:
-            store.add_unlabeled(phantom.image, f"case_{i}")
-    return root
-
-
-def test_supervised_training_learns_the_organs(three_organ_store, cache, tmp_path):
-    output = tmp_path / "run"
-    code, out, err = run_train(three_organ_store, output, cache, "optim.iterations=120", "validation.every=60",
-                               "data.patch=[32,48,48]", method="supervised")
+def test_supervised_training_learns_the_organs(three_organ_run):
+    """Coarse three-organ phantoms (conftest): 4 labeled, 2 unlabeled; supervised, 120 iterations."""
+    output, code, out, err = three_organ_run
     assert code == 0, err
     log = losses(output)
     early, late = np.mean([log[i] for i in range(1, 11)]), np.mean([log[i] for i in range(111, 121)])

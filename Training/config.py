@@ -46,6 +46,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     iterations: int = 200
+    optimizer: str = "sgd"  # "sgd" (momentum, as the paper) or "adamw" (momentum unused)
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -149,6 +150,8 @@ def check(config: TrainConfig) -> None:
         raise ConfigError(f"data.foreground {d.foreground} must be in [0, 1]")
     if o.iterations < 1 or o.lr <= 0:
         raise ConfigError(f"optim.iterations ({o.iterations}) and optim.lr ({o.lr}) must be positive")
+    if o.optimizer not in ("sgd", "adamw"):
+        raise ConfigError(f"optim.optimizer {o.optimizer!r} must be sgd or adamw")
     if o.amp not in ("auto", "on", "off"):
         raise ConfigError(f"optim.amp {o.amp!r} must be auto, on or off")
     if config.objective.mixing not in ("uniform", "frequency"):

@@ -29,7 +29,9 @@ import yaml
 
 import GuidedSegLib
 from GuidedSegLib import distributed as dist_utils
+from GuidedSegLib.progress import Reporter as ProgressReporter
 from GuidedSegLib.bundle import write_bundle
+from GuidedSegLib.devices import DeviceError, resolve_device
 from GuidedSegLib.errors import GuidedSegError
 from GuidedSegLib.imageio import atomic_path
 from GuidedSegLib.labels import label_colour
@@ -59,47 +61,16 @@ class Result:
     signal: int | None = None
 
 
-class Reporter:
-    """Progress for people (a tqdm bar on stderr) or programs (one JSON object per line on stdout)."""
+class Reporter(ProgressReporter):
+    """The trainer's progress: a bar over iterations, or JSON "train" records."""
 
-    def __init__(self, mode: str, enabled: bool):
-        self.mode, self.enabled, self.bar = mode, enabled, None
-
-    def message(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.mode == "json":
-            self.emit({"stage": "message", "text": text})
-        elif self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def emit(self, record: dict) -> None:
-        if self.enabled and self.mode == "json":
-            print(json.dumps(record), flush=True)
-
-    def stage(self, stage: str, done: int, total: int, **extra) -> None:
-        self.emit({"stage": stage, "progress": round(done / max(total, 1), 4), **extra})
-
-    def start_bar(self, start: int, total: int) -> None:
-        if self.enabled and self.mode == "bar":
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc="training", unit="it", dynamic_ncols=True,
-                            file=sys.stderr)
+    def start_iterations(self, start: int, total: int) -> None:
+        self.start_bar(start, total, "training", "it")
 
     def step(self, iteration: int, total: int, losses: dict, eta: float) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{losses['total']:.4f}")
+        self.set_bar(iteration, loss=f"{losses['total']:.4f}")
         self.emit({"stage": "train", "progress": round(iteration / total, 4), "iteration": iteration,
                    "loss": round(losses["total"], 5), "eta_s": round(eta, 1)})
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 class StopRequest:
@@ -201,8 +172,11 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     method.to(device)
     if device.type == "cuda":
         method.to(memory_format=torch.channels_last_3d)
-    optimiser = torch.optim.SGD(method.parameters(), lr=config.optim.lr, momentum=config.optim.momentum,
-                                weight_decay=config.optim.weight_decay, nesterov=False)
+    if config.optim.optimizer == "adamw":
+        optimiser = torch.optim.AdamW(method.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    else:
+        optimiser = torch.optim.SGD(method.parameters(), lr=config.optim.lr, momentum=config.optim.momentum,
+                                    weight_decay=config.optim.weight_decay, nesterov=False)
     amp = config.optim.amp == "on" or (config.optim.amp == "auto" and device.type == "cuda")
     amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
@@ -230,7 +204,7 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     loader = torch.utils.data.DataLoader(IterationBatches(sampler, start, total, rank, world), batch_size=None,
                                          num_workers=config.data.workers, pin_memory=device.type == "cuda",
                                          persistent_workers=False)
-    report.start_bar(start, total)
+    report.start_iterations(start, total)
     began, iteration, stopped = time.monotonic(), start, None
     step_time = 0.0  # training steps only, without validation and checkpoints
     method.train()  # validation switches to eval and back
@@ -319,29 +293,10 @@ def _init_distributed(device: str) -> bool:
 
 
 def _device(name: str) -> torch.device:
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local)
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device {name!r} is not one of cpu, cuda, cuda:N, mps, auto") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r}: this PyTorch build or machine has no CUDA GPU")
-        if device.index is None:
-            device = torch.device("cuda", local)
-        if device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA GPU(s) present")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device 'mps': Apple MPS is not available here")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device {name!r} is not one of cpu, cuda, cuda:N, mps, auto")
-    return device
+        return resolve_device(name, int(os.environ.get("LOCAL_RANK", "0")))
+    except DeviceError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _open_store(config: TrainConfig, output: Path, report: Reporter, rank: int) -> CaseStore:

@@ -1,0 +1,185 @@
+"""One Segment, Train or device-probe run: its files, its child process and its result.
+
+A job never blocks: ``start()`` launches the child, ``poll()`` returns :class:`Update` records
+(status text, progress, log lines) and, once, a final one with ``finished=True`` saying whether
+it worked and why not. A cancelled or failed Segment leaves nothing behind; a cancelled Train
+keeps its run folder's checkpoint (``train.py --resume`` continues it) and writes no bundle.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from . import commands, nodes
+from .export import DRAFT_LABELS_ATTRIBUTE
+from .models import ModelInfo
+from .process import ChildProcess, LogLine, Progress
+
+
+@dataclass
+class Update:
+    task: str  # "segment", "train" or "devices"
+    text: str | None = None  # status line
+    progress: float | None = None  # 0..1
+    log: list[str] = field(default_factory=list)
+    finished: bool = False
+    ok: bool = False
+    error: str | None = None  # one readable line when a finished job failed
+    result: object = None  # segment: the output file; train: the bundle folder; devices: [(id, name)]
+
+
+class Job:
+    """A child process plus what its updates mean."""
+
+    task = "job"
+    stages: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, argv: list[str], runner=ChildProcess):
+        self.argv = argv
+        self.process = runner(argv, env=commands.child_environment())
+        self.reported_end = False
+
+    def start(self) -> Job:
+        self.process.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return not self.reported_end
+
+    def cancel(self) -> None:
+        self.process.cancel()
+
+    def poll(self) -> list[Update]:
+        updates = []
+        log = []
+        for event in self.process.poll():
+            if isinstance(event, Progress):
+                if event.stage == "message":
+                    log.append(str(event.record.get("text", "")))
+                    continue
+                updates.append(Update(self.task, commands.stage_text(event.stage, event.record, self.stages),
+                                      event.progress))
+            elif isinstance(event, LogLine) and event.text.strip():
+                log.append(event.text)
+        if log:
+            updates.append(Update(self.task, log=log))
+        if self.process.finished and not self.reported_end:
+            self.reported_end = True
+            updates.append(self._finish())
+        return updates
+
+    def _finish(self) -> Update:
+        if self.process.cancelled:
+            self.discard()
+            return Update(self.task, "Cancelled", finished=True, ok=False, error="cancelled")
+        if self.process.returncode != 0:
+            self.discard()
+            return Update(self.task, "Failed", finished=True, ok=False, error=self.process.error_text())
+        try:
+            result = self.result()
+        except (OSError, ValueError) as error:
+            self.discard()
+            return Update(self.task, "Failed", finished=True, ok=False, error=str(error))
+        return Update(self.task, "Done", 1.0, finished=True, ok=True, result=result)
+
+    def result(self):
+        return self.process.result
+
+    def discard(self) -> None:
+        """Remove what a failed or cancelled run left."""
+
+
+class SegmentJob(Job):
+    """Write the volume to a work folder, run ``guidedseg segment`` on it; the result is the draft
+    label file on the volume's grid, which :meth:`load` turns into a segmentation node."""
+
+    task = "segment"
+    stages = commands.SEGMENT_STAGES
+
+    def __init__(self, volume_node, model: ModelInfo, device: str = "cpu", *, python: str, work_root=None,
+                 ensemble: bool = False, largest_component: bool = False, runner=ChildProcess):
+        if not model.usable:
+            raise ValueError(model.problem)
+        self.volume_node, self.model = volume_node, model
+        self.folder = Path(tempfile.mkdtemp(prefix="segment-", dir=work_root))
+        self.input = self.folder / "input.nrrd"
+        self.output = self.folder / "draft.nrrd"
+        try:
+            nodes.write_volume(volume_node, self.input)
+        except Exception:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+        super().__init__(commands.segment_command(python, model.path, self.input, self.output, device,
+                                                  ensemble and model.ensemble_possible, largest_component), runner)
+
+    def result(self) -> Path:
+        if not self.output.is_file():
+            raise ValueError(f"{self.output}: the segmentation finished but wrote no label map")
+        self.input.unlink(missing_ok=True)  # the draft stays: it tells which segments get edited
+        return self.output
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def load(self, scene, segmentations_logic, segmentation_node=None):
+        """The draft as a segmentation node with the bundle's names and colours, tagged with the
+        draft file and the model (for the export's edit detection and provenance)."""
+        node = nodes.label_file_to_segmentation(
+            self.output, self.model.labels, self.model.colours, self.volume_node, scene, segmentations_logic,
+            node_name=f"{self.volume_node.GetName()} {self.model.name}", segmentation_node=segmentation_node)
+        node.SetAttribute(nodes.DRAFT_ATTRIBUTE, str(self.output))
+        node.SetAttribute(DRAFT_LABELS_ATTRIBUTE, json.dumps({str(v): n for v, n in self.model.labels.items()}))
+        node.SetAttribute(nodes.MODEL_ATTRIBUTE, str(self.model.path))
+        node.SetAttribute(nodes.MODEL_NAME_ATTRIBUTE, self.model.name)
+        return node
+
+
+class TrainJob(Job):
+    """Run Training/train.py on a store into a new run folder in the models folder; the result is
+    the bundle it wrote, which the models folder then lists."""
+
+    task = "train"
+    stages = commands.TRAIN_STAGES
+
+    def __init__(self, store_root, models_folder, method: str = "guidednet", device: str | None = None, *,
+                 python: str, store_name: str = "", script=None, runner=ChildProcess):
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", store_name or Path(store_root).name).strip("._-") or "store"
+        self.output = Path(models_folder) / f"{base}-{method}-{stamp}"
+        number = 2
+        while self.output.exists():
+            self.output = Path(models_folder) / f"{base}-{method}-{stamp}-{number}"
+            number += 1
+        super().__init__(commands.train_command(python, store_root, self.output, method, device, script), runner)
+
+    def result(self) -> Path:
+        bundle = (self.process.result or {}).get("bundle")
+        if not bundle or not (Path(bundle) / "model.json").is_file():
+            raise ValueError(f"{self.output}: training finished but reported no model bundle")
+        return Path(bundle)
+
+    def discard(self) -> None:
+        # A run stopped before its first checkpoint leaves an empty or near-empty folder: remove
+        # it; a run with a checkpoint is kept so that train.py --resume can continue it.
+        if self.output.is_dir() and not (self.output / "checkpoint.pt").exists():
+            shutil.rmtree(self.output, ignore_errors=True)
+
+
+class DeviceProbe(Job):
+    """Ask a child Python which devices torch sees (Slicer itself never imports torch)."""
+
+    task = "devices"
+
+    def __init__(self, python: str, runner=ChildProcess):
+        super().__init__(commands.device_probe_command(python), runner)
+
+    def result(self) -> list[tuple[str, str]]:
+        return commands.devices_from_probe(self.process.result)

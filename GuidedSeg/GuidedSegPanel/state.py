@@ -1,0 +1,106 @@
+"""What the panel shows and which buttons it enables, worked out from plain facts.
+
+The widget copies a :class:`PanelView` onto its controls and nothing else decides; tests build a
+:class:`PanelState` and check the view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PanelState:
+    """Facts about the panel's situation."""
+
+    missing_packages: list[str] = field(default_factory=list)  # pip names still to install
+    has_volume: bool = False
+    models_folder_problem: str | None = None
+    model_count: int = 0
+    model_problem: str | None = None  # the chosen bundle cannot be used (why), or None
+    has_model: bool = False
+    segmenting: bool = False
+    has_segmentation: bool = False
+    store_problem: str | None = None  # the store cannot be used (why), or None
+    has_store: bool = False
+    training: bool = False
+    train_script_found: bool = True
+
+
+@dataclass
+class PanelView:
+    """What the widget shows."""
+
+    install_visible: bool
+    segment_enabled: bool
+    segment_text: str
+    segment_tooltip: str
+    correct_enabled: bool
+    export_enabled: bool
+    export_tooltip: str
+    train_enabled: bool
+    train_text: str
+    train_tooltip: str
+    inputs_enabled: bool  # volume, model and device choices (locked while segmenting)
+    message: str  # the most useful thing to say now; "" when nothing needs saying
+
+
+def view(state: PanelState) -> PanelView:
+    messages = []
+    if state.missing_packages:
+        messages.append(f"Slicer's Python lacks {', '.join(state.missing_packages)}: Segment and Train need them. "
+                        "Click Install (you are asked first; it downloads about 1-3 GB).")
+    if state.models_folder_problem:
+        messages.append(state.models_folder_problem)
+    elif state.model_count == 0:
+        messages.append("The models folder holds no model bundle yet: add one, or train one from a case store below.")
+    elif state.model_problem:
+        messages.append(state.model_problem)
+
+    segment_ready = state.has_volume and state.has_model and state.model_problem is None
+    if state.segmenting:
+        segment_tip = "Stop the segmentation (nothing is kept)"
+    elif not state.has_volume:
+        segment_tip = "Choose an input volume first"
+    elif not segment_ready:
+        segment_tip = "Choose a usable model first"
+    else:
+        segment_tip = "Segment the volume with the chosen model (runs in the background)"
+
+    store_ready = state.has_store and state.store_problem is None
+    if state.store_problem:
+        messages.append(state.store_problem)
+    export_ready = state.has_segmentation and state.has_volume and store_ready and not state.segmenting
+    if not state.has_segmentation:
+        export_tip = "Segment a volume (or choose a segmentation) first"
+    elif not store_ready:
+        export_tip = "Choose a case store first"
+    else:
+        export_tip = "Write the volume and the corrected labels into the case store (asks first)"
+
+    if state.training:
+        train_tip = "Stop training (the checkpoint is kept; no model bundle is written)"
+    elif not store_ready:
+        train_tip = "Choose a case store with labeled cases first"
+    elif state.models_folder_problem:
+        train_tip = "Choose a models folder first; the new model bundle is written there"
+    elif not state.train_script_found:
+        train_tip = "Training/train.py is not installed with this extension"
+    else:
+        train_tip = "Train a new model on the store in the background; the bundle appears in the model list"
+    train_ready = store_ready and not state.models_folder_problem and state.train_script_found
+
+    return PanelView(
+        install_visible=bool(state.missing_packages),
+        segment_enabled=state.segmenting or segment_ready,
+        segment_text="Cancel" if state.segmenting else "Segment",
+        segment_tooltip=segment_tip,
+        correct_enabled=state.has_segmentation and not state.segmenting,
+        export_enabled=export_ready,
+        export_tooltip=export_tip,
+        train_enabled=state.training or train_ready,
+        train_text="Cancel training" if state.training else "Train",
+        train_tooltip=train_tip,
+        inputs_enabled=not state.segmenting,
+        message="\n".join(messages),
+    )

@@ -1,0 +1,445 @@
+"""The GuidedSeg panel (Qt; inside Slicer only). Thin: it copies the logic's state onto the
+controls, forwards clicks, and polls running jobs from a timer. Every decision (what is enabled,
+what is said, what an export records) is made in the plain-Python modules beside it.
+"""
+
+from __future__ import annotations
+
+import ctk  # noqa: F401  (registers the ctk widgets the .ui uses)
+import qt
+import slicer
+import vtk
+from slicer.util import VTKObservationMixin
+
+from GuidedSegLib.errors import GuidedSegError
+
+from . import install, state
+from .export import ExportPlan, ExportRefused
+from .logic import PanelLogic
+from .parameters import METHODS
+
+MODELS_FOLDER_SETTING = "GuidedSeg/ModelsFolder"
+POLL_MS = 150
+
+
+class PanelWidget(VTKObservationMixin):
+    def __init__(self, ui_path: str, logic: PanelLogic | None = None):
+        VTKObservationMixin.__init__(self)
+        self.widget = slicer.util.loadUI(ui_path)
+        self.ui = slicer.util.childWidgetVariables(self.widget)
+        self.widget.setMRMLScene(slicer.mrmlScene)
+        self.logic = logic or PanelLogic(slicer.mrmlScene, slicer.modules.segmentations.logic(),
+                                         work_root=slicer.app.temporaryPath)
+        self._updating = False
+        self._observed_parameters = None
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_MS)
+        self.timer.connect("timeout()", self.on_timer)
+
+        ui = self.ui
+        ui.methodComboBox.addItems(list(METHODS))
+        ui.segmentProgressBar.setVisible(False)
+        ui.trainProgressBar.setVisible(False)
+        ui.modelsFolderPathLineEdit.currentPath = qt.QSettings().value(MODELS_FOLDER_SETTING, "")
+        self.logic.set_models_folder(ui.modelsFolderPathLineEdit.currentPath)
+
+        ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.on_gui_changed)
+        ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.on_gui_changed)
+        ui.modelComboBox.connect("currentIndexChanged(int)", self.on_gui_changed)
+        ui.deviceComboBox.connect("currentIndexChanged(int)", self.on_gui_changed)
+        ui.methodComboBox.connect("currentIndexChanged(int)", self.on_gui_changed)
+        ui.ensembleCheckBox.connect("toggled(bool)", self.on_gui_changed)
+        ui.largestComponentCheckBox.connect("toggled(bool)", self.on_gui_changed)
+        ui.storePathLineEdit.connect("currentPathChanged(QString)", self.on_gui_changed)
+        ui.modelsFolderPathLineEdit.connect("currentPathChanged(QString)", self.on_models_folder_changed)
+        ui.refreshModelsButton.connect("clicked()", self.on_refresh_models)
+        ui.installButton.connect("clicked()", self.on_install)
+        ui.segmentButton.connect("clicked()", self.on_segment)
+        ui.correctButton.connect("clicked()", self.on_correct)
+        ui.exportButton.connect("clicked()", self.on_export)
+        ui.trainButton.connect("clicked()", self.on_train)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.on_scene_start_close)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.on_scene_end_close)
+        self.observe_parameters()
+        self.fill_models()
+        self.select_first_model_if_none()
+        self.fill_devices()
+        self.probe_devices()
+        self.update_gui()
+
+    # ------------------------------------------------------------------------------------------
+    # lifecycle
+
+    def cleanup(self) -> None:
+        """Slicer closes the module (or the application): stop polling and end every child."""
+        self.removeObservers()
+        self.timer.stop()
+        for task in list(self.logic.jobs):
+            self.logic.cancel(task)
+
+    def on_scene_start_close(self, caller=None, event=None) -> None:
+        self.logic.cancel("segment")  # its volume is about to go; training does not depend on the scene
+
+    def on_scene_end_close(self, caller=None, event=None) -> None:
+        self.observe_parameters()
+        self.update_gui()
+
+    def observe_parameters(self) -> None:
+        node = self.logic.parameters.node
+        if self._observed_parameters is not None:
+            self.removeObserver(self._observed_parameters, vtk.vtkCommand.ModifiedEvent, self.update_gui)
+        self._observed_parameters = node
+        self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.update_gui)
+        p = self.logic.parameters
+        if p.input_volume is None:  # a sensible default: the volume shown in the views
+            selection = slicer.app.applicationLogic().GetSelectionNode()
+            volume_id = selection.GetActiveVolumeID() if selection else None
+            volume = slicer.mrmlScene.GetNodeByID(volume_id) if volume_id else None
+            if volume is not None and volume.IsA("vtkMRMLScalarVolumeNode") and not volume.IsA(
+                    "vtkMRMLLabelMapVolumeNode"):
+                p.input_volume = volume
+
+    # ------------------------------------------------------------------------------------------
+    # parameters <-> controls
+
+    def fill_models(self) -> None:
+        box = self.ui.modelComboBox
+        was = self._updating
+        self._updating = True
+        try:
+            box.clear()
+            for model in self.logic.models:
+                box.addItem(model.title(), str(model.path))
+                item = box.model().item(box.count - 1)
+                if item is not None and not model.usable:
+                    item.setEnabled(False)
+                    item.setToolTip(model.problem)
+        finally:
+            self._updating = was
+
+    def fill_devices(self) -> None:
+        box = self.ui.deviceComboBox
+        was = self._updating
+        self._updating = True
+        try:
+            box.clear()
+            for device, name in self.logic.devices:
+                box.addItem(name, device)
+        finally:
+            self._updating = was
+
+    def update_gui(self, caller=None, event=None) -> None:
+        """Parameters -> controls, then the enabled states and messages from the logic's state."""
+        if self._updating:
+            return
+        self._updating = True
+        try:
+            ui, p = self.ui, self.logic.parameters
+            ui.inputVolumeSelector.setCurrentNode(p.input_volume)
+            ui.segmentationSelector.setCurrentNode(p.segmentation)
+            ui.modelComboBox.setCurrentIndex(ui.modelComboBox.findData(p.model))
+            index = ui.deviceComboBox.findData(p.device)
+            ui.deviceComboBox.setCurrentIndex(max(index, 0))
+            ui.methodComboBox.setCurrentIndex(max(0, ui.methodComboBox.findText(p.method)))
+            ui.ensembleCheckBox.checked = p.ensemble
+            ui.largestComponentCheckBox.checked = p.largest_component
+            if ui.storePathLineEdit.currentPath != p.store:
+                ui.storePathLineEdit.currentPath = p.store
+
+            model = self.logic.selected_model()
+            ui.modelInfoLabel.text = model.description() if model is not None else ""
+            ui.ensembleCheckBox.enabled = model is not None and model.ensemble_possible
+            store = self.logic.store()
+            ui.storeInfoLabel.text = self.store_text(store)
+
+            view = state.view(self.logic.state())
+            ui.messageLabel.text = view.message
+            ui.messageLabel.visible = bool(view.message)
+            ui.installButton.visible = view.install_visible
+            ui.segmentButton.text = view.segment_text
+            ui.segmentButton.enabled = view.segment_enabled
+            ui.segmentButton.toolTip = view.segment_tooltip
+            for control in (ui.inputVolumeSelector, ui.modelComboBox, ui.deviceComboBox, ui.modelsFolderPathLineEdit,
+                            ui.refreshModelsButton, ui.largestComponentCheckBox):
+                control.enabled = view.inputs_enabled
+            if not view.inputs_enabled:
+                ui.ensembleCheckBox.enabled = False
+            ui.correctButton.enabled = view.correct_enabled
+            ui.exportButton.enabled = view.export_enabled
+            ui.exportButton.toolTip = view.export_tooltip
+            ui.trainButton.text = view.train_text
+            ui.trainButton.enabled = view.train_enabled
+            ui.trainButton.toolTip = view.train_tooltip
+            ui.methodComboBox.enabled = not self.logic.running("train")
+        finally:
+            self._updating = False
+
+    @staticmethod
+    def store_text(store) -> str:
+        if store is None:
+            return ""
+        counts = store.annotation_counts("labeled")
+        labeled = len(store.cases("labeled"))
+        organs = ", ".join(f"{name} {counts[value]}/{labeled}" for value, name in store.organs.items())
+        return (f"{store.name}: {labeled} labeled, {len(store.cases('unlabeled'))} unlabeled, "
+                f"{len(store.cases('test'))} test cases. Annotated: {organs}")
+
+    def on_gui_changed(self, *args) -> None:
+        """Controls -> parameters (the parameter node's Modified event then refreshes the rest)."""
+        if self._updating:
+            return
+        ui, p = self.ui, self.logic.parameters
+        with slicer.util.NodeModify(p.node):
+            p.input_volume = ui.inputVolumeSelector.currentNode()
+            p.segmentation = ui.segmentationSelector.currentNode()
+            if ui.modelComboBox.currentIndex >= 0:
+                p.model = ui.modelComboBox.itemData(ui.modelComboBox.currentIndex) or ""
+            if ui.deviceComboBox.currentIndex >= 0:
+                p.device = ui.deviceComboBox.itemData(ui.deviceComboBox.currentIndex) or "cpu"
+            if ui.methodComboBox.currentText in METHODS:
+                p.method = ui.methodComboBox.currentText
+            p.ensemble = ui.ensembleCheckBox.checked
+            p.largest_component = ui.largestComponentCheckBox.checked
+            p.store = ui.storePathLineEdit.currentPath
+        self.update_gui()
+
+    def on_models_folder_changed(self, path) -> None:
+        if self._updating:
+            return
+        qt.QSettings().setValue(MODELS_FOLDER_SETTING, path)
+        self.logic.set_models_folder(path)
+        self.fill_models()
+        self.select_first_model_if_none()
+        self.update_gui()
+
+    def on_refresh_models(self) -> None:
+        self.logic.refresh_models()
+        self.fill_models()
+        self.select_first_model_if_none()
+        self.update_gui()
+
+    def select_first_model_if_none(self) -> None:
+        if self.logic.selected_model() is None:
+            usable = [m for m in self.logic.models if m.usable]
+            if usable:
+                self.logic.parameters.model = str(usable[0].path)
+
+    # ------------------------------------------------------------------------------------------
+    # dependencies and devices
+
+    def dependencies_ready(self) -> bool:
+        """True when the packages are there; otherwise offer to install them (asks first)."""
+        missing = self.logic.missing_packages()
+        if not missing:
+            return True
+        try:
+            with slicer.util.WaitCursor():
+                install.install(missing, confirm=slicer.util.confirmOkCancelDisplay,
+                                pip_install=slicer.util.pip_install, install_torch=install.slicer_torch_installer())
+        except install.InstallDeclined as declined:
+            self.ui.segmentStatusLabel.text = str(declined)
+            return False
+        except RuntimeError as error:
+            slicer.util.errorDisplay(str(error), detailedText=str(error.__cause__ or ""))
+            return False
+        finally:
+            self.update_gui()
+        self.probe_devices()
+        return not self.logic.missing_packages()
+
+    def on_install(self) -> None:
+        self.dependencies_ready()
+
+    def probe_devices(self) -> None:
+        if not self.logic.missing_packages() and self.logic.start_device_probe() is not None:
+            self.timer.start()
+
+    # ------------------------------------------------------------------------------------------
+    # actions
+
+    def on_segment(self) -> None:
+        if self.logic.running("segment"):
+            self.logic.cancel("segment")
+            self.ui.segmentStatusLabel.text = "Cancelling..."
+            return
+        if not self.dependencies_ready():
+            return
+        try:
+            with slicer.util.WaitCursor():  # writing the volume for the child takes a moment
+                self.logic.start_segment()
+        except (GuidedSegError, ValueError, OSError) as error:
+            slicer.util.errorDisplay(f"Segment could not start: {error}")
+            return
+        self.ui.segmentProgressBar.setValue(0)
+        self.ui.segmentProgressBar.setVisible(True)
+        self.ui.segmentStatusLabel.text = "Starting..."
+        self.timer.start()
+        self.update_gui()
+
+    def on_correct(self) -> None:
+        p = self.logic.parameters
+        segmentation, volume = p.segmentation, p.input_volume
+        if segmentation is None:
+            return
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(segmentation)
+        if volume is not None:
+            if hasattr(editor, "setSourceVolumeNode"):
+                editor.setSourceVolumeNode(volume)
+            else:  # Slicer before 5.4
+                editor.setMasterVolumeNode(volume)
+
+    def on_export(self) -> None:
+        try:
+            with slicer.util.WaitCursor():
+                plan = self.logic.plan_export()
+        except ExportRefused as refused:
+            slicer.util.warningDisplay(str(refused), windowTitle="Export refused")
+            return
+        except (GuidedSegError, ValueError, OSError) as error:
+            slicer.util.errorDisplay(f"Export failed: {error}")
+            return
+        checked = ExportDialog(plan).ask()
+        if checked is None:
+            return
+        try:
+            with slicer.util.WaitCursor():
+                case = self.logic.export(plan, checked)
+        except (GuidedSegError, ValueError, OSError) as error:
+            slicer.util.errorDisplay(f"Export failed; the store was not changed.\n\n{error}")
+            return
+        store = self.logic.store()
+        annotated = ", ".join(store.labels[v] for v in case.annotated) or "none"
+        self.ui.segmentStatusLabel.text = (f"Stored label version {case.label_version} of case {case.case_id} "
+                                           f"(annotated: {annotated}).")
+        self.update_gui()
+
+    def on_train(self) -> None:
+        if self.logic.running("train"):
+            self.logic.cancel("train")
+            self.ui.trainStatusLabel.text = "Stopping..."
+            return
+        if not self.dependencies_ready():
+            return
+        if not slicer.util.confirmOkCancelDisplay(
+                f"Train a new {self.logic.parameters.method} model on {self.logic.parameters.store}? It runs in the "
+                f"background (minutes on a GPU, much longer on a CPU) and writes a new bundle into "
+                f"{self.logic.models_folder}."):
+            return
+        try:
+            job = self.logic.start_train()
+        except (GuidedSegError, ValueError, OSError) as error:
+            slicer.util.errorDisplay(f"Training could not start: {error}")
+            return
+        self.append_log([f"training into {job.output}"])
+        self.ui.trainProgressBar.setValue(0)
+        self.ui.trainProgressBar.setVisible(True)
+        self.ui.trainStatusLabel.text = "Starting..."
+        self.timer.start()
+        self.update_gui()
+
+    # ------------------------------------------------------------------------------------------
+    # progress
+
+    def on_timer(self) -> None:
+        changed = False
+        for update in self.logic.poll():
+            bar, label = {"segment": (self.ui.segmentProgressBar, self.ui.segmentStatusLabel),
+                          "train": (self.ui.trainProgressBar, self.ui.trainStatusLabel)}.get(update.task, (None, None))
+            if update.log:
+                self.append_log(update.log)
+            if bar is not None and update.progress is not None:
+                bar.setValue(round(100 * update.progress))
+            if label is not None and update.text and not update.finished:
+                label.text = update.text
+            if update.finished:
+                changed = True
+                self.finished(update, bar, label)
+        if not self.logic.jobs:
+            self.timer.stop()
+        if changed:
+            self.update_gui()
+
+    def finished(self, update, bar, label) -> None:
+        if bar is not None:
+            bar.setVisible(False)
+        if update.task == "devices":
+            if update.ok:
+                self.fill_devices()
+            else:
+                self.append_log([f"device probe failed: {update.error}"])
+            return
+        if update.ok and update.task == "segment":
+            node = update.result
+            label.text = f"Done: {node.GetName()}. Correct it, then export the corrected labels."
+            volume = self.logic.parameters.input_volume
+            slicer.util.setSliceViewerLayers(background=volume, fit=False)
+        elif update.ok and update.task == "train":
+            label.text = f"Done: new model {update.result}"
+            self.fill_models()
+        elif update.error == "cancelled":
+            label.text = "Cancelled." if update.task == "segment" else \
+                "Stopped. The run's checkpoint is kept (train.py --resume continues it); no model was written."
+        else:
+            what = "Segmentation" if update.task == "segment" else "Training"
+            label.text = f"{what} failed: {update.error}"
+            slicer.util.errorDisplay(f"{what} failed:\n\n{update.error}", detailedText="\n".join(
+                self.log_tail()))
+
+    def log_tail(self) -> list[str]:
+        return self.ui.logTextEdit.toPlainText().splitlines()[-40:]
+
+    def append_log(self, lines) -> None:
+        for line in lines:
+            self.ui.logTextEdit.appendPlainText(line)
+
+
+class ExportDialog:
+    """Asks which organs the annotator checked; says which will count as annotated."""
+
+    def __init__(self, plan: ExportPlan):
+        self.plan = plan
+        self.dialog = qt.QDialog(slicer.util.mainWindow())
+        self.dialog.setWindowTitle("Export corrected labels")
+        layout = qt.QVBoxLayout(self.dialog)
+        intro = qt.QLabel("Edited segments always count as annotated. Tick the other organs you checked "
+                          "(an empty one then counts as absent); unticked organs stay unannotated, "
+                          "unknown to training.")
+        intro.wordWrap = True
+        layout.addWidget(intro)
+        self.boxes = {}
+        for organ in plan.organs:
+            if organ.edited:
+                note = "edited" if organ.voxels else "edited: erased (absent)"
+            elif organ.segment_name is None:
+                note = "no segment"
+            else:
+                note = f"{organ.voxels} voxels" if organ.voxels else "empty"
+            box = qt.QCheckBox(f"{organ.name} ({note})")
+            box.checked = organ.edited
+            box.enabled = not organ.edited
+            box.connect("toggled(bool)", self.update_summary)
+            layout.addWidget(box)
+            self.boxes[organ.value] = box
+        self.summary = qt.QLabel()
+        self.summary.wordWrap = True
+        layout.addWidget(self.summary)
+        buttons = qt.QDialogButtonBox(qt.QDialogButtonBox.Ok | qt.QDialogButtonBox.Cancel)
+        buttons.button(qt.QDialogButtonBox.Ok).text = "Export"
+        buttons.connect("accepted()", self.dialog.accept)
+        buttons.connect("rejected()", self.dialog.reject)
+        layout.addWidget(buttons)
+        self.update_summary()
+
+    def checked(self) -> list[int]:
+        return [v for v, box in self.boxes.items() if box.checked and box.enabled]
+
+    def update_summary(self, *args) -> None:
+        self.summary.text = self.plan.summary(self.checked())
+
+    def ask(self) -> list[int] | None:
+        """The organs ticked as checked, or None when the user cancelled."""
+        return self.checked() if self.dialog.exec_() == qt.QDialog.Accepted else None
+

@@ -1,0 +1,262 @@
+"""The panel's logic driven as the widget drives it (slicer-core, no Qt): what it enables and says,
+Segment in the background with Cancel, a failing model's readable error, export into the store,
+and Train listing its new bundle. The child processes are stand-ins that follow the CLI's
+progress protocol, so this runs without torch and in seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import oblique_case
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GuidedSeg"))
+
+slicer = pytest.importorskip("slicer")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the 'slicer' module here is not slicer-core", allow_module_level=True)
+
+from GuidedSegPanel import models, nodes, state
+from GuidedSegPanel.logic import PanelLogic
+
+from GuidedSegLib.imageio import write_label_map
+from GuidedSegLib.store import CaseStore
+
+LABELS = {"0": "background", "1": "liver", "2": "spleen", "3": "kidney_left"}
+
+# Stands in for Slicer's Python: "-m GuidedSegLib.cli segment ..." and "train.py ..." follow the
+# protocol (progress lines, error line + exit 2, SIGTERM -> exit 143 without output); "-c" runs.
+FAKE_PYTHON = """
+    import json, os, shutil, signal, subprocess, sys, time
+    args = sys.argv[1:]
+    if args[0] == "-c":
+        sys.exit(subprocess.call([{python!r}] + args))
+    def opt(name):
+        return args[args.index(name) + 1]
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
+    mode = os.environ.get("FAKE_MODE", "ok")
+    def emit(**record):
+        print(json.dumps(record), flush=True)
+    if args[:3] == ["-m", "GuidedSegLib.cli", "segment"]:
+        assert args[-2:] == ["--progress", "json"], args
+        if mode == "fail":
+            emit(stage="load", progress=0.0)
+            print("guidedseg: error: " + opt("--model") + ": weights of network A do not fit its description",
+                  file=sys.stderr)
+            sys.exit(2)
+        for i, stage in enumerate(["load", "read", "preprocess", "infer", "restore", "write"]):
+            emit(stage=stage, progress=i / 6)
+            print("log line " + stage, flush=True)
+            time.sleep(30 if mode == "slow" and stage == "infer" else 0.01)
+        shutil.copyfile(os.environ["FAKE_LABEL"], opt("--output"))
+        emit(stage="done", progress=1.0, outputs=[opt("--output")])
+    elif args[0].endswith("train.py"):
+        out = opt("--output")
+        emit(stage="prepare-train", progress=0.5)
+        for i in range(1, 4):
+            emit(stage="train", progress=i / 3, iteration=i, loss=1.0 / i, eta_s=3 - i)
+        emit(stage="message", text="validation Dice 0.5")
+        bundle = os.path.join(out, "bundle")
+        os.makedirs(bundle)
+        json.dump({{"format": 1, "name": "trained-" + opt("--method"), "method": opt("--method"),
+                    "labels": {labels!r}, "validation": {{"mean_dice": 0.5, "per_organ": {{}}}}}},
+                  open(os.path.join(bundle, "model.json"), "w"))
+        emit(stage="done", progress=1.0, bundle=bundle)
+    else:
+        sys.exit("unexpected command " + repr(args))
+"""
+
+
+@pytest.fixture(scope="module")
+def mrml():
+    scene = slicer.vtkMRMLScene()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
+    colours = slicer.vtkMRMLColorLogic()
+    colours.SetMRMLScene(scene)
+    colours.AddDefaultColorNodes()
+    return scene, logic
+
+
+@pytest.fixture
+def panel(tmp_path, mrml, monkeypatch):
+    scene, seg_logic = mrml
+    scene.Clear(0)
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!{sys.executable}\n" + textwrap.dedent(FAKE_PYTHON.format(python=sys.executable,
+                                                                                 labels=LABELS)))
+    fake.chmod(0o755)
+    image, label = oblique_case(size=(40, 36, 12))
+    label_file = write_label_map(label, tmp_path / "model-output.nrrd")
+    monkeypatch.setenv("FAKE_LABEL", str(label_file))
+    models_folder = tmp_path / "models"
+    (models_folder / "tiny").mkdir(parents=True)
+    (models_folder / "tiny" / "model.json").write_text(json.dumps({
+        "format": 1, "name": "tiny", "method": "guidednet", "labels": LABELS, "networks": ["A", "B"],
+        "colours": {"1": [0.867, 0.51, 0.396], "2": [0.616, 0.424, 0.635], "3": [0.725, 0.4, 0.325]},
+        "validation": {"mean_dice": 0.81, "per_organ": {"1": {"dice": 0.9, "sd": 0.1, "n": 3},
+                                                        "2": {"dice": 0.72, "sd": 0.1, "n": 3}}}}))
+    work = tmp_path / "work"
+    work.mkdir()
+    logic = PanelLogic(scene, seg_logic, python=str(fake), work_root=work, find_spec=lambda name: object())
+    logic.set_models_folder(models_folder)
+    volume = nodes.image_to_volume(image, scene, "abdomen")
+    return logic, volume, image, label, work
+
+
+def run_until_finished(logic, task, timeout=30.0):
+    updates = []
+    deadline = time.monotonic() + timeout
+    while not any(u.finished and u.task == task for u in updates):
+        assert time.monotonic() < deadline, f"{task} did not finish"
+        updates += logic.poll()
+        time.sleep(0.02)
+    return updates
+
+
+def test_models_folder_lists_bundles_with_labels_and_validation_dice(tmp_path, panel):
+    logic = panel[0]
+    (Path(logic.models_folder) / "broken").mkdir()
+    (Path(logic.models_folder) / "broken" / "model.json").write_text("{not json")
+    (Path(logic.models_folder) / ".tmp-1234-writing").mkdir()
+    (Path(logic.models_folder) / ".tmp-1234-writing" / "model.json").write_text("{}")
+    listed = logic.refresh_models()
+    assert [m.name for m in listed] == ["broken", "tiny"]
+    broken, tiny = listed
+    assert not broken.usable and "is not valid JSON" in broken.problem and "cannot be used" in broken.title()
+    assert tiny.title() == "tiny (guidednet, mean Dice 0.81)" and tiny.ensemble_possible
+    assert tiny.labels == {1: "liver", 2: "spleen", 3: "kidney_left"}
+    assert tiny.colours[1] == pytest.approx((0.867, 0.51, 0.396))
+    assert "1 liver (0.90), 2 spleen (0.72), 3 kidney_left" in tiny.description()
+    assert models.folder_problem(tmp_path / "nope").endswith("the models folder does not exist.")
+    assert models.list_models(tmp_path / "nope") == []
+
+
+def test_state_before_anything_is_chosen_says_what_to_do(panel, tmp_path):
+    logic = panel[0]
+    logic.find_spec = lambda name: None if name in ("torch", "monai") else object()
+    view = state.view(logic.state())
+    assert view.install_visible and "lacks torch, monai" in view.message
+    assert not view.segment_enabled and view.segment_tooltip == "Choose an input volume first"
+    assert not view.export_enabled and not view.correct_enabled and not view.train_enabled
+    logic.parameters.store = str(tmp_path / "no-store")
+    view = state.view(logic.state())
+    assert "is not a case store" in view.message and not view.train_enabled
+
+
+def test_segment_runs_in_the_background_and_becomes_named_segments(panel):
+    logic, volume, *_ = panel
+    p = logic.parameters
+    p.input_volume = volume
+    p.model = str(Path(logic.models_folder) / "tiny")
+    p.ensemble = True
+    view = state.view(logic.state())
+    assert view.segment_enabled and view.segment_text == "Segment" and not view.install_visible
+
+    job = logic.start_segment()
+    assert "--ensemble" in job.argv and job.input.is_file()
+    view = state.view(logic.state())
+    assert view.segment_text == "Cancel" and view.segment_enabled and not view.inputs_enabled
+    updates = run_until_finished(logic, "segment")
+    texts = [u.text for u in updates if u.text]
+    assert texts[:6] == ["Loading the model", "Reading the volume", "Preprocessing", "Running the network",
+                         "Placing the result on the volume's grid", "Writing the result"]
+    assert any("log line infer" in line for u in updates for line in u.log)
+    final = updates[-1]
+    assert final.finished and final.ok, final.error
+    node = final.result
+    assert p.segmentation is node and node.GetAttribute(nodes.MODEL_NAME_ATTRIBUTE) == "tiny"
+    assert sorted(name for _, name in nodes.segments(node)) == ["kidney_left", "liver", "spleen"]
+    assert not job.input.exists() and job.output.is_file()  # the draft stays for edit detection
+    view = state.view(logic.state())
+    assert view.segment_text == "Segment" and view.correct_enabled and not view.export_enabled  # no store yet
+
+
+def test_cancel_ends_segment_within_a_second_and_keeps_nothing(panel):
+    logic, volume, *_, work = panel
+    os.environ["FAKE_MODE"] = "slow"
+    try:
+        logic.parameters.input_volume = volume
+        logic.parameters.model = str(Path(logic.models_folder) / "tiny")
+        job = logic.start_segment()
+        deadline = time.monotonic() + 20
+        while not any(u.text == "Running the network" for u in logic.poll()):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        start = time.monotonic()
+        logic.cancel("segment")
+        updates = run_until_finished(logic, "segment", timeout=5)
+        assert time.monotonic() - start < 1.0
+    finally:
+        del os.environ["FAKE_MODE"]
+    assert updates[-1].error == "cancelled" and not updates[-1].ok
+    assert not job.folder.exists() and list(work.iterdir()) == []
+    assert logic.parameters.segmentation is None and not logic.running("segment")
+
+
+def test_a_failing_model_gives_a_readable_error(panel, monkeypatch):
+    logic, volume, *_, work = panel
+    monkeypatch.setenv("FAKE_MODE", "fail")
+    logic.parameters.input_volume = volume
+    logic.parameters.model = str(Path(logic.models_folder) / "tiny")
+    logic.start_segment()
+    final = run_until_finished(logic, "segment")[-1]
+    assert not final.ok and final.error == (f"guidedseg: error: {Path(logic.models_folder) / 'tiny'}: "
+                                            "weights of network A do not fit its description")
+    assert list(work.iterdir()) == [] and logic.parameters.segmentation is None
+
+
+def test_export_and_train_from_the_panel(panel, tmp_path):
+    logic, volume, _, label, _ = panel
+    p = logic.parameters
+    p.input_volume = volume
+    p.model = str(Path(logic.models_folder) / "tiny")
+    logic.start_segment()
+    node = run_until_finished(logic, "segment")[-1].result
+    store = CaseStore.create(tmp_path / "store", {1: "liver", 2: "spleen", 3: "kidney_left"})
+    p.store = str(store.root)
+    view = state.view(logic.state())
+    assert view.export_enabled and view.train_enabled and view.train_text == "Train"
+
+    # erase the liver's first slices, as an annotator correcting a leak would
+    scene, seg_logic = logic.scene, logic.segmentations_logic
+    liver = node.GetSegmentation().GetSegmentIdBySegmentName("liver")
+    mask = nodes.segment_mask(node, liver, volume, seg_logic, scene).astype(np.uint8)
+    mask[:3] = 0
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    labelmap.CopyOrientation(volume)
+    slicer.util.updateVolumeFromArray(labelmap, mask)
+    assert seg_logic.ImportLabelmapToSegmentationNode(labelmap, node, "edited")
+    new_id = node.GetSegmentation().GetNthSegmentID(node.GetSegmentation().GetNumberOfSegments() - 1)
+    node.GetSegmentation().RemoveSegment(liver)
+    node.GetSegmentation().GetSegment(new_id).SetName("liver")
+    scene.RemoveNode(labelmap)
+
+    plan = logic.plan_export()
+    assert plan.edited == [1] and plan.model == "tiny"
+    case = logic.export(plan, checked=[3])
+    assert case.annotated == (1, 3) and case.history[-1]["model"] == "tiny"
+    assert "GuidedSeg Slicer panel" in case.history[-1]["source"]
+    expected = sitk.GetArrayFromImage(label).copy()
+    expected[:3][expected[:3] == 1] = 0
+    expected[expected == 2] = 0
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(case.label))), expected)
+
+    job = logic.start_train()
+    assert job.argv[job.argv.index("--store") + 1] == str(store.root)
+    assert state.view(logic.state()).train_text == "Cancel training"
+    updates = run_until_finished(logic, "train")
+    texts = [u.text for u in updates]
+    assert "Training: iteration 1, loss 1.000, 2 s left" in texts and "Training: iteration 3, loss 0.333" in texts
+    assert any("validation Dice 0.5" in line for u in updates for line in u.log)
+    final = updates[-1]
+    assert final.ok and final.result == job.output / "bundle"
+    assert p.model == str(job.output / "bundle") and logic.selected_model().name == "trained-guidednet"
+    assert [m.name for m in logic.models] == ["tiny", "trained-guidednet"]
