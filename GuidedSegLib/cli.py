@@ -277,7 +277,8 @@ def _run_add(args: argparse.Namespace) -> int:
 
     store = CaseStore(args.store)
     if args.test:
-        case = store.add_test(args.image, args.label, args.case_id, source=args.source)
+        case = store.add_test(args.image, args.label, args.case_id, annotated=_split_list(args.annotated),
+                              absent=_split_list(args.absent), source=args.source)
     elif args.label is None:
         case = store.add_unlabeled(args.image, args.case_id, source=args.source)
     else:

@@ -165,8 +165,9 @@ def evaluate_folders(pred: Path, ref: Path, output: Path, labels: Path | None = 
     scores, left_out, cases, pictures = [], {v: 0 for v in names}, [], {}
     for index, reference in enumerate(references):
         say(f"[{index + 1}/{len(references)}] {reference.case}")
-        ref_map = read_label_map(reference.label, label_names=names)
-        pred_map = read_label_map(predictions[reference.case], label_names=names, reference=Grid.of(ref_map.image))
+        ref_map = _checked(read_label_map(reference.label, label_names=names), reference.label, names)
+        pred_map = _checked(read_label_map(predictions[reference.case], label_names=names,
+                                           reference=Grid.of(ref_map.image)), predictions[reference.case], names)
         ref_array = sitk.GetArrayViewFromImage(ref_map.image)
         pred_array = sitk.GetArrayViewFromImage(pred_map.image)
         organs = reference.organs if reference.organs is not None else tuple(ref_map.values_present())
@@ -220,6 +221,13 @@ def _references(ref: Path, labels: Path | None) -> tuple[list[Reference], dict[i
             values |= set(read_label_map(reference.label).values_present())
         names = {v: f"label_{v}" for v in sorted(values)}
     return refs, {int(v): n for v, n in names.items() if int(v) != 0}
+
+
+def _checked(label, path: Path, names: dict[int, str]):
+    unknown = sorted(set(label.values_present()) - set(names))
+    if unknown:
+        raise InputFileError(path, f"holds label values {unknown} outside the label set {names}")
+    return label
 
 
 def _label_names(path: Path) -> dict[int, str]:

@@ -266,9 +266,11 @@ class CaseStore:
         return self._add("labeled", image, label, case_id, annotated, absent, source, model)
 
     def add_test(self, image: ImageInput, label: LabelInput | None = None, case_id: str | None = None,
-                 *, source: str = "") -> Case:
-        """Copy a test case into the store; test cases never take part in training or selection."""
-        return self._add("test", image, label, case_id, None, None, source, None)
+                 *, annotated: Iterable[int | str] | None = None, absent: Iterable[int | str] | None = None,
+                 source: str = "") -> Case:
+        """Copy a test case into the store; test cases never take part in training or selection.
+        ``annotated`` / ``absent`` as for :meth:`add_labeled` (evaluation scores only those organs)."""
+        return self._add("test", image, label, case_id, annotated, absent, source, None)
 
     def ingest_label(
         self,
@@ -385,6 +387,9 @@ class CaseStore:
                     entry.update(annotated=list(annotated_set), absent=list(absent_set), labelVersion=1,
                                  labelHistory=[_version_record(1, entry["label"], label_target, source, model,
                                                                annotated_set, absent_set)])
+                elif annotated is not None or absent is not None:  # a test case's stated annotated set
+                    annotated_set, absent_set = self._annotation(label_map, annotated, absent, _describe(label))
+                    entry.update(annotated=list(annotated_set), absent=list(absent_set))
             elif kind == "labeled":
                 raise StoreError(self.root, f"labeled case {case_id!r} needs a label")
             data.setdefault(_LIST_KEY[kind], []).append(entry)

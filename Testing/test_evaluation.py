@@ -1,0 +1,110 @@
+"""``guidedseg evaluate``: scores checked by hand, unannotated pairs left out with n per organ, the
+report files, and refusals that write nothing."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from GuidedSegLib.cli import main
+from GuidedSegLib.errors import InputFileError
+from GuidedSegLib.evaluation import evaluate_folders
+from GuidedSegLib.store import CaseStore
+
+SPACING = (2.0, 2.0, 3.0)
+
+
+def volume(array: np.ndarray, path) -> None:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(SPACING)
+    image.SetOrigin((10.0, -5.0, 7.5))
+    sitk.WriteImage(image, str(path))
+
+
+def cube(shift: int = 0, spleen: bool = True) -> np.ndarray:
+    label = np.zeros((20, 30, 30), np.uint8)
+    label[5:15, 5:15, 5 + shift:15 + shift] = 1  # liver: 10 x 10 x 10 voxels
+    if spleen:
+        label[5:10, 20:25, 20:25] = 2
+    return label
+
+
+@pytest.fixture
+def folders(tmp_path):
+    pred, ref, images = tmp_path / "pred", tmp_path / "ref", tmp_path / "images"
+    for folder in (pred, ref, images):
+        folder.mkdir()
+    volume(cube(), ref / "a.nii.gz")
+    volume(cube(shift=2), pred / "a.nii.gz")  # liver moved 2 voxels (4 mm) along x; spleen exact
+    volume(cube(spleen=False), ref / "b.nii.gz")  # spleen not contoured in b's reference
+    volume(cube(spleen=True), pred / "b.nii.gz")
+    volume(np.random.default_rng(0).normal(0, 50, (20, 30, 30)).astype(np.int16), images / "a.nii.gz")
+    return pred, ref, images
+
+
+def test_scores_by_hand_and_unannotated_pairs_left_out(folders, tmp_path, capsys):
+    pred, ref, images = folders
+    labels = tmp_path / "dataset.json"
+    labels.write_text('{"labels": {"0": "background", "1": "liver", "2": "spleen"}}')
+    code = main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--labels", str(labels), "--images", str(images),
+                 "--output", str(tmp_path / "report")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    rows = {(r["case"], r["organ"]): r for r in csv.DictReader(open(tmp_path / "report" / "metrics.csv"))}
+    # Liver in a: overlap 8 x 10 x 10 of two 1000-voxel cubes.
+    liver = rows[("a", "liver")]
+    assert float(liver["dice"]) == pytest.approx(0.8) and float(liver["jaccard"]) == pytest.approx(800 / 1200)
+    assert 0 < float(liver["hd95_mm"]) <= 4.0 + 1e-6 and 0 < float(liver["asd_mm"]) < 4.0
+    assert float(rows[("a", "spleen")]["dice"]) == 1.0 and float(rows[("a", "spleen")]["hd95_mm"]) == 0.0
+    # b's reference holds no spleen: that pair is left out, not scored as a false positive.
+    assert ("b", "spleen") not in rows and float(rows[("b", "liver")]["dice"]) == 1.0
+    assert "| liver | 2 |" in printed and "| spleen | 1 |" in printed
+    report = tmp_path / "report"
+    assert (report / "dice.png").stat().st_size > 1000 and (report / "summary.md").read_text().count("| a |") == 1
+    assert sorted(p.name for p in (report / "overlays").iterdir()) == ["a.png", "b.png"]
+
+
+def test_a_stores_annotated_sets_decide_what_counts(folders, tmp_path):
+    """A store's test case that records only the liver as annotated: its spleen is not scored,
+    though the file holds one; the organs it checked and found absent are scored."""
+    pred, ref, _ = folders
+    store = CaseStore.create(tmp_path / "store", {1: "liver", 2: "spleen"})
+    image = tmp_path / "img.nii.gz"
+    volume(np.zeros((20, 30, 30), np.int16), image)
+    store.add_test(image, ref / "a.nii.gz", "a", annotated=["liver"])
+    store.add_test(image, ref / "b.nii.gz", "b", absent=["spleen"])
+    report = evaluate_folders(pred, tmp_path / "store", tmp_path / "report", slices=0)
+    scored = {(s.case, s.organ): s.dice for s in report.scores}
+    assert set(scored) == {("a", "liver"), ("b", "liver"), ("b", "spleen")}
+    assert scored[("b", "spleen")] == 0.0  # predicted where the annotator checked there is none
+    assert report.summary()[2]["left_out"] == 1
+
+
+def test_refusals_name_the_file_and_write_nothing(folders, tmp_path):
+    pred, ref, _ = folders
+    other = tmp_path / "other"
+    other.mkdir()
+    moved = sitk.ReadImage(str(pred / "a.nii.gz"))
+    moved.SetOrigin((11.3, -5.0, 7.5))  # off by a fraction of a voxel
+    sitk.WriteImage(moved, str(other / "a.nii.gz"))
+    volume(cube(), other / "b.nii.gz")
+    with pytest.raises(InputFileError, match="a.nii.gz") as error:
+        evaluate_folders(other, ref, tmp_path / "r1", slices=0)
+    assert "grid" in str(error.value) and not (tmp_path / "r1").exists()
+    (pred / "b.nii.gz").unlink()
+    with pytest.raises(InputFileError, match="no prediction for 1 reference case"):
+        evaluate_folders(pred, ref, tmp_path / "r2", slices=0)
+    (tmp_path / "r3").mkdir()
+    with pytest.raises(InputFileError, match="already exists"):
+        evaluate_folders(pred, ref, tmp_path / "r3", slices=0)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    volume(cube() * 3, outside / "a.nii.gz")  # label value 3 is not in the label set
+    labels = tmp_path / "labels.json"
+    labels.write_text('{"labels": {"0": "background", "1": "liver", "2": "spleen"}}')
+    with pytest.raises(InputFileError, match="3"):
+        evaluate_folders(outside, ref / "a.nii.gz", tmp_path / "r4", labels=labels, slices=0)
+    assert not any((tmp_path / name).exists() for name in ("r1", "r2", "r4"))
