@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: synthetic phantoms into a case store, checked, one
 # annotator's partial correction ingested, a small GuidedNet trained on it (CPU: minutes), a test
-# case segmented with the bundle and the Dice reported.   usage: bash Training/demo.sh [VENV] [OUT]
+# case segmented with the bundle and evaluated (tables and pictures).   usage: bash Training/demo.sh [VENV] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${1:-.venv}"
@@ -47,26 +47,19 @@ else
 fi
 
 echo
-echo "== 6. segment the test cases with the bundle and report Dice against their labels"
-mkdir -p "$out/segmentations"
-"$venv/bin/python" - "$store" "$run/bundle" "$out/segmentations" "$guidedseg" <<'PY'
-import subprocess, sys
-from pathlib import Path
-import numpy as np, SimpleITK as sitk
-from GuidedSegLib.metrics import dice
-from GuidedSegLib.store import CaseStore
-store, bundle, folder, guidedseg = CaseStore(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
-scores = {}
-for case in store.cases("test"):
-    out = folder / f"{case.case_id}.nii.gz"
-    if not out.exists():
-        subprocess.run([guidedseg, "segment", "--model", bundle, "--input", str(case.image), "--output", str(out)], check=True)
-    p, r = (sitk.GetArrayFromImage(sitk.ReadImage(str(f))) for f in (out, case.label))
-    for value in store.annotated_labels(case):
-        if (r == value).any():
-            scores.setdefault(value, []).append(dice(p == value, r == value))
-print(f"test Dice over {len(store.cases('test'))} phantoms (mean, n cases):")
-for value, s in sorted(scores.items()):
-    print(f"  {store.labels[value]:<22} {np.mean(s):.3f}  n={len(s)}")
-print(f"  {'mean':<22} {np.mean([np.mean(s) for s in scores.values()]):.3f}")
-PY
+echo "== 6. the bundle: what it segments, how it was trained, its validation Dice"
+"$guidedseg" bundle info "$run/bundle"
+
+echo
+echo "== 7. segment the store's test scans (one process, model loaded once)"
+if [ -d "$out/segmentations" ]; then
+  echo "(reusing $out/segmentations; delete it to segment again)"
+else
+  "$guidedseg" segment --model "$run/bundle" --input "$store/imagesTs" --output "$out/segmentations"
+fi
+
+echo
+echo "== 8. evaluate against the test labels: Dice, Jaccard, HD95, ASD; CSV, Markdown, pictures"
+rm -rf "$out/evaluation"
+"$guidedseg" evaluate --pred "$out/segmentations" --ref "$store" --output "$out/evaluation"
+echo "(open $out/evaluation/dice.png and $out/evaluation/overlays/ to see the results)"
