@@ -133,3 +133,19 @@ def tiny_bundle(three_organ_run) -> Path:
     output, code, _, err = three_organ_run
     assert code == 0, err
     return output / "bundle"
+
+
+@pytest.fixture(scope="module")
+def mrml():
+    """A fresh MRML scene (each test module has its own: the panel keeps its settings in the
+    scene's parameter node) with the segmentations and colour logics set on it."""
+    slicer = pytest.importorskip("slicer")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("the 'slicer' module here is not slicer-core (is PyPI's unrelated 'slicer' installed?)")
+    scene = slicer.vtkMRMLScene()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
+    colours = slicer.vtkMRMLColorLogic()
+    colours.SetMRMLScene(scene)
+    colours.AddDefaultColorNodes()
+    return scene, logic

@@ -74,17 +74,6 @@ FAKE_PYTHON = """
 """
 
 
-@pytest.fixture(scope="module")
-def mrml():
-    scene = slicer.vtkMRMLScene()
-    logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    logic.SetMRMLScene(scene)
-    colours = slicer.vtkMRMLColorLogic()
-    colours.SetMRMLScene(scene)
-    colours.AddDefaultColorNodes()
-    return scene, logic
-
-
 @pytest.fixture
 def panel(tmp_path, mrml, monkeypatch):
     scene, seg_logic = mrml

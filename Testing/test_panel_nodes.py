@@ -34,17 +34,6 @@ STORE_LABELS = {1: "liver", 2: "spleen", 3: "kidney_left", 4: "pancreas"}
 
 
 @pytest.fixture(scope="module")
-def mrml():
-    scene = slicer.vtkMRMLScene()
-    logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    logic.SetMRMLScene(scene)
-    colours = slicer.vtkMRMLColorLogic()
-    colours.SetMRMLScene(scene)
-    colours.AddDefaultColorNodes()
-    return scene, logic
-
-
-@pytest.fixture(scope="module")
 def case():
     return oblique_case(size=(48, 44, 14))
 

@@ -38,17 +38,12 @@ pytestmark = pytest.mark.skipif(not _cli_speaks_progress(), reason="guidedseg se
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, mrml):
     tmp = tmp_path_factory.mktemp("e2e")
     models = tmp / "models"
     models.mkdir()
     write_tiny_bundle(models / "tiny", FLARE22_LABELS)
-    scene = slicer.vtkMRMLScene()
-    seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    seg_logic.SetMRMLScene(scene)
-    colours = slicer.vtkMRMLColorLogic()
-    colours.SetMRMLScene(scene)
-    colours.AddDefaultColorNodes()
+    scene, seg_logic = mrml
     work = tmp / "work"
     work.mkdir()
     logic = PanelLogic(scene, seg_logic, python=sys.executable, work_root=work)
