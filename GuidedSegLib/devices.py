@@ -38,3 +38,17 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     elif device.type != "cpu":
         raise DeviceError(f"device {name!r} is not one of {DEVICE_NAMES}")
     return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bfloat16 in hardware (x86 AVX512-BF16 or AMX): there, mixed
+    precision roughly halves the time of 3D convolutions; elsewhere it is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False

@@ -6,7 +6,7 @@ on the whole preprocessed volume:
 - windows are only placed over the body: the box around voxels brighter than the background
   (the air around a CT patient), grown to at least one window where the scan allows;
 - windows run in batches under ``torch.inference_mode``, with mixed precision and channels-last
-  on GPUs;
+  on GPUs and on CPUs that compute bfloat16 in hardware;
 - the blended class probabilities are kept in float16, and :func:`restore_probabilities` brings
   them onto the scan's grid slab by slab, so no full-resolution float32 map of every class ever
   exists.
@@ -22,7 +22,7 @@ import SimpleITK as sitk
 import torch
 
 from .bundle import load_networks
-from .devices import resolve_device
+from .devices import cpu_has_native_bf16, resolve_device
 from .errors import GuidedSegError
 from .preprocessing import PreprocessingPlan, preprocess, restore_probabilities
 
@@ -38,8 +38,9 @@ class Predictor:
     """A bundle loaded once; :meth:`segment` turns an image into a label map on its own grid.
 
     device: cpu, cuda, cuda:N, mps or auto. ensemble: average networks A and B (two-network
-    bundles). amp: mixed precision (None: on for CUDA). window_batch: windows per forward pass
-    (None: 4 on GPUs, 1 on CPU, where larger batches only add memory).
+    bundles). amp: mixed precision (None: on for CUDA, and on CPUs with hardware bfloat16, where
+    it about halves the time). window_batch: windows per forward pass (None: 4 on GPUs, 1 on
+    CPU, where larger batches only add memory).
     """
 
     def __init__(self, bundle: str | Path, device: str = "cpu", ensemble: bool = False,
@@ -52,10 +53,14 @@ class Predictor:
         self.stride = tuple(int(s) for s in self.metadata["stride"])
         self.class_values = np.asarray([int(v) for v in self.metadata["labels"]])
         gpu = self.device.type == "cuda"
-        self.amp = gpu if amp is None else amp
+        if amp is None:
+            amp = gpu or (self.device.type == "cpu" and cpu_has_native_bf16())
+        self.amp = amp
         self.amp_dtype = torch.bfloat16 if not gpu or torch.cuda.is_bf16_supported() else torch.float16
         self.window_batch = window_batch or (4 if self.device.type != "cpu" else 1)
-        if gpu:
+        # Channels-last pays off with mixed precision (cuDNN, oneDNN's bfloat16 kernels), not in fp32 on CPUs.
+        self.channels_last = gpu or (self.amp and self.device.type == "cpu")
+        if self.channels_last:
             for network in self.networks:
                 network.to(memory_format=torch.channels_last_3d)
 
@@ -114,7 +119,7 @@ class Predictor:
             if should_stop is not None and should_stop():
                 raise InferenceStopped("stopped")
             batch = batch.float()
-            if self.device.type == "cuda":
+            if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last_3d)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
                 mean = sum(torch.softmax(net(batch)[0].float(), 1) for net in self.networks) / len(self.networks)
