@@ -427,6 +427,46 @@ def naive_marginal(logits, labels, annotated):
     return 0.5 * (dice + ce), ce
 
 
+def test_marginal_dice_ce_equals_hand_computed_value():
+    """Two voxels, classes {bg, liver, X}, X unannotated; logits = log p, so p is exact:
+    voxel 1 background, p = (0.5, 0.2, 0.3); voxel 2 liver, p = (0.1, 0.6, 0.3).
+    Marginal q (X merged into background): (0.8, 0.2) and (0.4, 0.6).
+      CE   = (-ln 0.8 - ln 0.6) / 2                               = 0.366985
+      Dice = mean(1 - 2*0.8/(1.2 + 1), 1 - 2*0.6/(0.8 + 1))       = mean(0.272727, 0.333333) = 0.303030
+      loss = (Dice + CE) / 2                                      = 0.335007
+    Plain (X annotated, so the voxel at X's place is background):
+      CE   = (ln 2 - ln 0.6) / 2 = 0.601986; Dice = mean(0.375, 0.333333, 1 - 0/0.6) = 0.569439
+      loss = 0.585713
+    Exclusion: X is not at the liver voxel: -ln(1 - 0.3) over 2 voxels = 0.178337."""
+    p = torch.tensor([[0.5, 0.1], [0.2, 0.6], [0.3, 0.3]], dtype=torch.float64)  # (K, voxels)
+    logits = p.log().reshape(1, 3, 1, 1, 2)
+    labels = torch.tensor([0, 1]).reshape(1, 1, 1, 2)
+    marginal = losses.marginal_dice_ce(logits, labels, torch.tensor([[True, True, False]]))
+    plain = losses.marginal_dice_ce(logits, labels, torch.tensor([[True, True, True]]))
+    exclusion = losses.exclusion_loss(logits, labels, torch.tensor([[True, True, False]]), torch.zeros(1, 3, dtype=torch.bool))
+    assert abs(float(marginal) - 0.335007) < 1e-5, f"marginal Dice+CE {float(marginal):.6f} != hand-computed 0.335007"
+    assert abs(float(plain) - 0.585713) < 1e-5, f"plain Dice+CE {float(plain):.6f} != hand-computed 0.585713"
+    assert abs(float(exclusion) - 0.178337) < 1e-5, f"exclusion loss {float(exclusion):.6f} != hand-computed 0.178337"
+
+
+def test_partial_losses_finite_when_only_background_is_annotated():
+    """A case with nothing annotated but background (every organ unknown): the marginal loss
+    merges everything into background (q_bg = 1, so the loss is 0), the exclusion loss has no
+    organ voxel to act on; values and gradients are finite."""
+    logits, _ = loss_case(seed=8)
+    logits.requires_grad_(True)
+    labels = torch.zeros(2, 4, 4, 3, dtype=torch.long)
+    annotated = torch.tensor([[True, False, False, False]] * 2)
+    absent = torch.zeros(2, 4, dtype=torch.bool)
+    marginal = losses.marginal_dice_ce(logits, labels, annotated)
+    exclusion = losses.exclusion_loss(logits, labels, annotated, absent)
+    for name, value in (("marginal Dice+CE", marginal.detach()), ("exclusion", exclusion.detach())):
+        assert torch.isfinite(value), f"{name} with only background annotated is {float(value)}"
+        assert abs(float(value)) < 1e-5, f"{name} with only background annotated is {float(value)}, not 0"
+    (marginal + exclusion).backward()
+    assert torch.isfinite(logits.grad).all(), "gradient with only background annotated is not finite"
+
+
 def test_marginal_dice_ce_matches_naive_with_unannotated_class():
     logits, labels = loss_case(seed=1)
     annotated = torch.tensor([[True, True, False, True], [True, False, True, False]])
@@ -572,6 +612,11 @@ def make_batch(case: str) -> methods.Batch:
         absent[1, 2] = True  # case 1: organ 2 checked and absent
     elif case == "partial_annotation_all_background":
         annotated[:, 2:] = False  # the crops miss the only contoured organ
+    elif case == "only_background_annotated":
+        annotated[:, 1:] = False  # nothing annotated but background: every organ unknown
+    elif case == "only_background_annotated_beside_full":
+        labels[1, 2:6, 3:6, 1:5] = 1
+        annotated[0, 1:] = False  # one crop of such a case in a batch with a fully annotated one
     elif case == "no_unlabeled":
         labels[:, 2:6, 3:6, 1:5] = 1
         labels[:, 0:2, 0:2, 0:2] = 3
@@ -583,7 +628,8 @@ def make_batch(case: str) -> methods.Batch:
 
 
 CASES = ("all_background", "single_organ_everywhere", "one_organ_and_background", "partial_annotation",
-         "partial_annotation_all_background", "no_unlabeled")
+         "partial_annotation_all_background", "only_background_annotated", "only_background_annotated_beside_full",
+         "no_unlabeled")
 
 
 def run_method(name: str, batch: methods.Batch, network: dict = NET, iteration: int = 60):

@@ -457,7 +457,7 @@ def _validate(method, cases, patch, config: TrainConfig, device, class_values, r
 
 def format_table(validation: dict | None, labels: dict[int, str]) -> str:
     if not validation:
-        return "no validation split (fewer than two labeled cases): the last weights were kept"
+        return "no validation split (fewer than two labeled cases, or a validation fraction of 0): the last weights were kept"
     lines = [f"validation ({validation['cases']} cases): Dice per organ, over cases where it is annotated",
              f"  {'organ':<24} {'Dice':>7} {'SD':>7} {'n':>4}"]
     for value, row in validation["per_organ"].items():
