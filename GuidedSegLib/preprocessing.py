@@ -239,7 +239,8 @@ def restore_probabilities(
 ) -> sitk.Image:
     """Turn class probabilities in preprocessed space into a label map on the input's own grid.
 
-    ``probabilities``: (C, z, y, x) array on ``grid`` (any float dtype; float16 halves memory).
+    ``probabilities``: (C, z, y, x) class probabilities (summing to 1 per voxel) on ``grid``, any
+    float dtype (float16 halves memory).
     The input grid is filled slab by slab (about ``slab_voxels`` voxels each): for each slab,
     each class is resampled linearly from just the block of ``grid`` that covers it, and the
     arg-max kept as it goes. Memory therefore stays at a few slabs whatever the scan's size and
@@ -272,7 +273,13 @@ def restore_probabilities(
         block_origin = (grid_matrix @ np.append(lo, 1.0))[:3]
         best = None
         for value in range(channels):
-            block = np.asarray(probabilities[value, lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]], dtype=np.float32)
+            block = probabilities[value, lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]
+            # Interpolated probabilities still sum to 1, so the winner has at least 1/C: a class
+            # that stays below that over the whole block can never win here (most organs in most
+            # slabs), and resampling it is skipped.
+            if best is not None and float(block.max()) < 1.0 / channels - 0.01:
+                continue
+            block = np.asarray(block, dtype=np.float32)
             moving = sitk.GetImageFromArray(block)
             moving.SetSpacing(grid.spacing)
             moving.SetOrigin(tuple(block_origin))
