@@ -7,7 +7,13 @@ training step and peak memory, as a Markdown table like the GuidedNet paper's Ta
 
     python Testing/benchmark_methods.py --work runs/bench                       # coarse phantoms
     python Testing/benchmark_methods.py --work runs/bench-kbp --openkbp ../shared/data/openkbp-hn-ct \\
-        --fraction 0.1 optim.iterations=2000                                   # 10% labeled
+        --fraction 0.1 --spacing 7.8,7.8,5 optim.iterations=2000                # 10% labeled, coarser grid
+    # the CPU run of Testing/BENCHMARKS.md: two trainings side by side, one thread each
+    python Testing/benchmark_methods.py --work runs/bench --jobs 2 --threads 1 \\
+        optim.optimizer=adamw optim.lr=0.003 optim.iterations=250 validation.every=50
+
+Finished runs (``<work>/<method>-seed<N>/bundle``) are skipped and interrupted ones resumed, so
+the same command continues a stopped benchmark; ``--no-train`` reports only what has finished.
 Extra ``section.key=value`` arguments go to every training run.
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,22 +41,61 @@ from GuidedSegLib.metrics import dice, jaccard
 from GuidedSegLib.store import CaseStore
 
 
-def openkbp_store(source: Path, target: Path, fraction: float) -> Path:
+def resample(image: sitk.Image, label: sitk.Image | None, spacing) -> tuple[sitk.Image, sitk.Image | None]:
+    """``image`` (linear) and ``label`` on a coarser grid of ``spacing`` (x, y, z) mm covering the
+    same extent. Each output voxel of the label takes the class with the largest linearly
+    interpolated one-hot share (background included), so thin organs are not lost to
+    nearest-neighbour sampling."""
+    size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+    origin = image.TransformContinuousIndexToPhysicalPoint([(t / s - 1) / 2 for s, t in zip(image.GetSpacing(), spacing)])
+    reference = sitk.Image(size, sitk.sitkUInt8)
+    reference.SetSpacing(tuple(float(t) for t in spacing))
+    reference.SetOrigin(origin)
+    reference.SetDirection(image.GetDirection())
+    low = float(sitk.GetArrayViewFromImage(image).min())
+
+    def onto(img, interpolator, default):
+        return sitk.Resample(img, reference, sitk.Transform(), interpolator, default, img.GetPixelID())
+
+    coarse = onto(image, sitk.sitkLinear, low)
+    if label is None:
+        return coarse, None
+    values = np.unique(sitk.GetArrayViewFromImage(label))
+    shares = []
+    for value in values:
+        mask = sitk.Cast(sitk.Equal(label, int(value)), sitk.sitkFloat32)
+        shares.append(sitk.GetArrayFromImage(onto(mask, sitk.sitkLinear, 1.0 if value == 0 else 0.0)))
+    out = sitk.GetImageFromArray(values[np.argmax(np.stack(shares), axis=0)].astype(np.uint8))
+    out.CopyInformation(coarse)
+    return coarse, out
+
+
+def openkbp_store(source: Path, target: Path, fraction: float, spacing=None) -> Path:
     """A store from a Decathlon set with ``fraction`` of its training cases labeled (chosen by a
-    hash of the case id), the others as unlabeled images, and its test cases as test."""
+    hash of the case id), the others as unlabeled images, and its test cases as test.
+    ``spacing`` (x, y, z) mm: resample every case onto that coarser grid first (CPU budgets)."""
     if (target / "dataset.json").exists():
         return target
     src = CaseStore(source)
-    store = CaseStore.create(target, src.labels, name=f"{src.name}-{int(fraction * 100)}pct", modality=src.modality)
+    suffix = f"-{'x'.join(f'{s:g}' for s in spacing)}mm" if spacing else ""
+    store = CaseStore.create(target, src.labels, name=f"{src.name}-{int(fraction * 100)}pct{suffix}", modality=src.modality)
     cases = sorted(src.cases("labeled"), key=lambda c: hashlib.sha1(c.case_id.encode()).hexdigest())
     n_labeled = max(2, round(fraction * len(cases)))
+
+    def files(case, with_label=True):
+        if not spacing:
+            return case.image, (case.label if with_label else None)
+        return resample(read_image(case.image), read_image(case.label) if with_label else None, spacing)
+
     for index, case in enumerate(cases):
         if index < n_labeled:
-            store.add_labeled(case.image, case.label, case.case_id, source=str(source))
+            image, label = files(case)
+            store.add_labeled(image, label, case.case_id, annotated=src.annotated_labels(case), source=str(source))
         else:
-            store.add_unlabeled(case.image, case.case_id, source=str(source))
+            store.add_unlabeled(files(case, False)[0], case.case_id, source=str(source))
     for case in src.cases("test"):
-        store.add_test(case.image, case.label, case.case_id)
+        image, label = files(case)
+        store.add_test(image, label, case.case_id)
     return target
 
 
@@ -80,33 +127,79 @@ def main() -> int:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--openkbp", type=Path, help="a Decathlon set to derive the store from")
     parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--spacing", help="x,y,z mm: resample the derived store onto this coarser grid")
     parser.add_argument("--methods", default="supervised,cps,guidednet")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings run side by side")
+    parser.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads per training (0: leave as is)")
     parser.add_argument("--report", type=Path, help="also write the Markdown table here")
+    parser.add_argument("--no-train", action="store_true", help="only report the runs that have finished")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    root = openkbp_store(args.openkbp, args.work / "store", args.fraction) if args.openkbp else phantom_store(args.work / "store")
+    spacing = tuple(float(v) for v in args.spacing.split(",")) if args.spacing else None
+    root = (openkbp_store(args.openkbp, args.work / "store", args.fraction, spacing) if args.openkbp
+            else phantom_store(args.work / "store"))
     store = CaseStore(root)
-    results = {}
-    for method in args.methods.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
+    env = dict(os.environ)
+    if args.threads:
+        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[key] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
+    # Seed by seed, so that whatever finishes first is a set of complete comparisons.
+    runs = [(m, s) for s in seeds for m in methods]
+    pending = [] if args.no_train else [
+        (m, s) for m, s in runs if not (args.work / f"{m}-seed{s}" / "bundle" / "model.json").exists()]
+    running: dict = {}
+    failed = []
+    while pending or running:
+        while pending and len(running) < max(1, args.jobs):
+            method, seed = pending.pop(0)
             out = args.work / f"{method}-seed{seed}"
-            if not (out / "bundle" / "model.json").exists():
-                began = time.monotonic()
-                command = [sys.executable, str(ROOT / "Training" / "train.py"), "--store", str(root), "--output",
-                           str(out), "--method", method, "--seed", str(seed), "--progress", "none",
-                           f"data.cache={args.work / 'cache'}", *args.overrides]
-                if (out / "checkpoint.pt").exists():
-                    command.append("--resume")
-                subprocess.run(command, check=True)
-                print(f"{method} seed {seed}: trained in {time.monotonic() - began:.0f} s", flush=True)
-            model = json.loads((out / "bundle" / "model.json").read_text())
-            results[(method, seed)] = (evaluate(out / "bundle", store), model["training"])
+            out.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, str(ROOT / "Training" / "train.py"), "--store", str(root), "--output",
+                       str(out), "--method", method, "--seed", str(seed), "--progress", "none",
+                       f"data.cache={args.work / 'cache'}", *args.overrides]
+            if (out / "checkpoint.pt").exists():
+                command.append("--resume")
+            log = open(out / "train.log", "a")
+            print(f"{time.strftime('%H:%M:%S')} start {method} seed {seed}: {' '.join(command)}", flush=True)
+            running[(method, seed)] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env),
+                                       time.monotonic(), log)
+        time.sleep(2)
+        for key, (process, began, log) in list(running.items()):
+            if process.poll() is None:
+                continue
+            log.close()
+            del running[key]
+            state = "trained" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
+            if process.returncode:
+                failed.append(key)
+            print(f"{time.strftime('%H:%M:%S')} {key[0]} seed {key[1]}: {state} in {time.monotonic() - began:.0f} s",
+                  flush=True)
+    results = {}
+    for method, seed in runs:
+        out = args.work / f"{method}-seed{seed}"
+        if not (out / "bundle" / "model.json").exists():
+            continue
+        model = json.loads((out / "bundle" / "model.json").read_text())
+        cached = out / "test-scores.json"
+        if cached.exists():
+            scores = {int(k): [tuple(x) for x in v] for k, v in json.loads(cached.read_text()).items()}
+        else:
+            scores = evaluate(out / "bundle", store)
+            cached.write_text(json.dumps({str(k): v for k, v in scores.items()}))
+        results[(method, seed)] = (scores, model["training"])
+    if not results:
+        print("no finished run to report", flush=True)
+        return 1
     table = report(results, store)
+    if failed:
+        table += "\n\nfailed: " + ", ".join(f"{m} seed {s}" for m, s in failed)
     print(table)
     if args.report:
         args.report.write_text(table + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 def report(results, store: CaseStore) -> str:

@@ -393,7 +393,8 @@ def _check_resume_config(saved: dict, current: dict, output: Path) -> None:
                 yield f"{prefix}{k}", v
 
     a, b = dict(flat(saved)), dict(flat(current))
-    changed = sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
+    defaults = dict(flat(TrainConfig().to_dict()))  # a setting added since the run was saved had its default
+    changed = sorted(k for k in set(a) | set(b) if k not in free and a.get(k, defaults.get(k)) != b.get(k))
     if changed:
         raise TrainingSetupError(f"{output}: --resume with settings that differ from the saved run: "
                                  + ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in changed))
