@@ -202,9 +202,9 @@ def _references(ref: Path, labels: Path | None) -> tuple[list[Reference], dict[i
         files = _image_files(ref) if ref.is_dir() else [ref]
         if not files:
             raise InputFileError(ref, "holds no label files (.nii.gz, .nii, .nrrd, .seg.nrrd, .mha, .mhd)")
-        if labels is not None and labels.name == "dataset.json" or (labels is not None and
-                                                                     (labels / "dataset.json").is_file()):
-            store = CaseStore(labels if labels.is_dir() else labels.parent)
+        store_root = labels if labels is not None and labels.is_dir() else labels.parent if labels else None
+        if store_root is not None and (store_root / "dataset.json").is_file():
+            store = CaseStore(store_root)
         refs = []
         for path in files:
             if not path.is_file():
@@ -231,7 +231,9 @@ def _checked(label, path: Path, names: dict[int, str]):
 
 
 def _label_names(path: Path) -> dict[int, str]:
-    file = path / "model.json" if (path / "model.json").is_file() else path / "dataset.json" if path.is_dir() else path
+    file = path
+    if path.is_dir():
+        file = path / "model.json" if (path / "model.json").is_file() else path / "dataset.json"
     try:
         data = json.loads(Path(file).read_text(encoding="utf-8"))
         return {int(v): str(n) for v, n in data["labels"].items()}

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from GuidedSegLib.phantoms import generate_phantom, write_phantom_store
 from GuidedSegLib.store import CaseStore
