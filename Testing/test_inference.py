@@ -121,10 +121,10 @@ def test_file_and_folder_give_identical_output_and_json_progress(tiny_bundle, tm
     for i in range(2):
         sitk.WriteImage(three_organ_phantom(910 + i)[0], str(scans / f"scan_{i}.nii.gz"))
     one = subprocess.run(segment_command("--model", str(tiny_bundle), "--input", str(scans / "scan_1.nii.gz"),
-                                         "--output", str(tmp_path / "one.nii.gz")), capture_output=True, text=True)
+                                         "--output", str(tmp_path / "one.nii.gz")), capture_output=True, encoding="utf-8")
     assert one.returncode == 0, one.stderr
     many = subprocess.run(segment_command("--model", str(tiny_bundle), "--input", str(scans), "--output",
-                                          str(tmp_path / "out"), "--progress", "json"), capture_output=True, text=True)
+                                          str(tmp_path / "out"), "--progress", "json"), capture_output=True, encoding="utf-8")
     assert many.returncode == 0, many.stderr
     a = sitk.ReadImage(str(tmp_path / "one.nii.gz"))
     b = sitk.ReadImage(str(tmp_path / "out" / "scan_1.nii.gz"))
@@ -137,7 +137,7 @@ def test_file_and_folder_give_identical_output_and_json_progress(tiny_bundle, tm
     assert {"preprocess", "infer", "restore", "write"} <= {e["stage"] for e in events}
     # A second run refuses to overwrite anything and says which file is in the way.
     again = subprocess.run(segment_command("--model", str(tiny_bundle), "--input", str(scans), "--output",
-                                           str(tmp_path / "out")), capture_output=True, text=True)
+                                           str(tmp_path / "out")), capture_output=True, encoding="utf-8")
     assert again.returncode == 2 and "scan_0.nii.gz: already exists and 1 more" in again.stderr
 
 
@@ -153,7 +153,7 @@ def test_sigterm_stops_within_a_second_and_leaves_no_output(tiny_bundle, tmp_pat
     out = tmp_path / "out"
     process = subprocess.Popen(segment_command("--model", str(tiny_bundle), "--input", str(source), "--output",
                                                str(out / "big.nii.gz"), "--progress", "json"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8")
     for line in process.stdout:
         if json.loads(line)["stage"] in ("infer", "restore"):
             break

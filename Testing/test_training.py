@@ -52,7 +52,7 @@ def run_train(store: Path, output: Path, cache: Path, *overrides: str, method: s
     else:
         command = [sys.executable, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", env=env, cwd=ROOT)
     if not wait:
         return process
     out, err = process.communicate(timeout=600)
