@@ -19,7 +19,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +28,6 @@ import yaml
 
 import GuidedSegLib
 from GuidedSegLib import distributed as dist_utils
-from GuidedSegLib.progress import Reporter as ProgressReporter
 from GuidedSegLib.bundle import write_bundle
 from GuidedSegLib.devices import DeviceError, resolve_device
 from GuidedSegLib.errors import GuidedSegError
@@ -38,6 +36,7 @@ from GuidedSegLib.labels import label_colour
 from GuidedSegLib.methods import Batch, build_method
 from GuidedSegLib.metrics import per_class_dice, summarise
 from GuidedSegLib.preprocessing import PRESETS, PreprocessingPlan, plan_from_dataset
+from GuidedSegLib.progress import Reporter as ProgressReporter
 from GuidedSegLib.store import CaseStore
 from GuidedSegLib.training_data import CropSampler, IterationBatches, TrainingData
 
