@@ -183,6 +183,8 @@ def describe_bundle(folder: str | os.PathLike) -> str:
         shown = f"{score['dice']:.3f} ± {score['sd']:.3f} ({score['n']})" if score else "-"
         colour_text = ",".join(f"{c:.2f}" for c in colour) if colour else "-"
         lines.append(f"           {value:>5}  {name:<24} {colour_text:<17} {shown}")
+    if training.get("not_trained"):
+        lines.append(f"not learned {', '.join(training['not_trained'].values())} (annotated in no training case)")
     if validation:
         lines.append(f"validation mean Dice {validation.get('mean_dice', float('nan')):.4f} over "
                      f"{validation.get('cases', '?')} cases")

@@ -62,17 +62,22 @@ class PreparedCase:
 class TrainingData:
     """Prepares store cases for training under one preprocessing plan.
 
-    Classes are the store's label values in ascending order (class 0 = background = value 0).
+    Classes are ``class_values`` (default: all the store's label values) in ascending order, class
+    0 = background = value 0; voxels of a store organ left out of ``class_values`` read as background.
     ``partial_labels``: True reads a case's unannotated organs as unknown (methods.md 3);
     False is the plain reading (everything not labeled is background), kept for comparison.
     """
 
-    def __init__(self, store: CaseStore, plan: PreprocessingPlan, cache: Path, partial_labels: bool = True):
+    def __init__(self, store: CaseStore, plan: PreprocessingPlan, cache: Path, partial_labels: bool = True,
+                 class_values: Sequence[int] | None = None):
         self.store, self.plan, self.partial_labels = store, plan, partial_labels
-        self.class_values = sorted(store.labels)
+        self.class_values = sorted(set(class_values if class_values is not None else store.labels) | {0})
+        unknown = set(self.class_values) - set(store.labels)
+        if unknown:
+            raise ValueError(f"{store.root}: classes {sorted(unknown)} are not in the store's label set")
         key = json.dumps({"plan": plan.to_dict(), "classes": self.class_values, "v": CACHE_VERSION}, sort_keys=True)
         self.cache = Path(cache) / hashlib.sha1(key.encode()).hexdigest()[:12]
-        self.lookup = np.zeros(max(self.class_values) + 1, dtype=np.uint8)
+        self.lookup = np.zeros(max(store.labels) + 1, dtype=np.uint8)
         for index, value in enumerate(self.class_values):
             self.lookup[value] = index
 

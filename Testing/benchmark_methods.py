@@ -6,6 +6,9 @@ over test cases; only (case, organ) pairs whose reference is annotated), plus se
 training step and peak memory, as a Markdown table like the GuidedNet paper's Table 1.
 
     python Testing/benchmark_methods.py --work runs/bench                       # coarse phantoms
+    # issue 8: partial-aware vs plain reading of unannotated organs (":plain" = data.partial_labels=false)
+    python Testing/benchmark_methods.py --work runs/kbp100 --openkbp ../shared/data/openkbp-hn-ct \
+        --fraction 1 --methods supervised,supervised:plain,guidednet,guidednet:plain --seeds 0
     python Testing/benchmark_methods.py --work runs/bench-kbp --openkbp ../shared/data/openkbp-hn-ct \\
         --fraction 0.1 --spacing 7.8,7.8,5 optim.iterations=2000                # 10% labeled, coarser grid
     # the CPU run of Testing/BENCHMARKS.md: two trainings side by side, one thread each
@@ -146,20 +149,25 @@ def main() -> int:
             env[key] = str(args.threads)
         torch.set_num_threads(args.threads)
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
+    for method in methods:
+        if method.split(":")[0] not in ("supervised", "cps", "guidednet") or method.count(":") > 1 or \
+                (":" in method and not method.endswith(":plain")):
+            parser.error(f"--methods: {method!r} is not supervised, cps or guidednet, optionally with ':plain'")
     # Seed by seed, so that whatever finishes first is a set of complete comparisons.
     runs = [(m, s) for s in seeds for m in methods]
     pending = [] if args.no_train else [
-        (m, s) for m, s in runs if not (args.work / f"{m}-seed{s}" / "bundle" / "model.json").exists()]
+        (m, s) for m, s in runs if not (run_folder(args.work, m, s) / "bundle" / "model.json").exists()]
     running: dict = {}
     failed = []
     while pending or running:
         while pending and len(running) < max(1, args.jobs):
             method, seed = pending.pop(0)
-            out = args.work / f"{method}-seed{seed}"
+            out = run_folder(args.work, method, seed)
             out.mkdir(parents=True, exist_ok=True)
+            plain = ["data.partial_labels=false"] if method.endswith(":plain") else []
             command = [sys.executable, str(ROOT / "Training" / "train.py"), "--store", str(root), "--output",
-                       str(out), "--method", method, "--seed", str(seed), "--progress", "none",
-                       f"data.cache={args.work / 'cache'}", *args.overrides]
+                       str(out), "--method", method.split(":")[0], "--seed", str(seed), "--progress", "none",
+                       f"data.cache={args.work / 'cache'}", *args.overrides, *plain]
             if (out / "checkpoint.pt").exists():
                 command.append("--resume")
             log = open(out / "train.log", "a")
@@ -179,7 +187,7 @@ def main() -> int:
                   flush=True)
     results = {}
     for method, seed in runs:
-        out = args.work / f"{method}-seed{seed}"
+        out = run_folder(args.work, method, seed)
         if not (out / "bundle" / "model.json").exists():
             continue
         model = json.loads((out / "bundle" / "model.json").read_text())
@@ -202,18 +210,28 @@ def main() -> int:
     return 1 if failed else 0
 
 
+def run_folder(work: Path, method: str, seed: int) -> Path:
+    """``supervised-seed0``; ``supervised:plain`` (partial labels off) -> ``supervised-plain-seed0``."""
+    return work / f"{method.replace(':', '-')}-seed{seed}"
+
+
 def report(results, store: CaseStore) -> str:
+    """Mean ± SD in %: over seeds of each seed's mean over test cases, or, when every method ran
+    one seed, over the test cases themselves (the header says which)."""
     methods = list(dict.fromkeys(m for m, _ in results))
     organs = sorted({v for scores, _ in results.values() for v in scores})
-    lines = ["| organ (n test cases) | " + " | ".join(f"{m} Dice | {m} Jaccard" for m in methods) + " |",
+    one_seed = all(sum(1 for k in results if k[0] == m) == 1 for m in methods)
+    spread = "SD over test cases" if one_seed else "SD over seeds"
+    lines = [f"| organ (n test cases; {spread}) | " + " | ".join(f"{m} Dice | {m} Jaccard" for m in methods) + " |",
              "|---|" + "---|---|" * len(methods)]
     means = {m: [] for m in methods}
     for organ in organs:
         cells = []
         n = max(len(results[key][0].get(organ, [])) for key in results)
         for m in methods:
-            per_seed = [np.mean(results[key][0][organ], axis=0) for key in results if key[0] == m and organ in results[key][0]]
-            d, j = np.array(per_seed).T * 100
+            keys = [key for key in results if key[0] == m and organ in results[key][0]]
+            values = (results[keys[0]][0][organ] if one_seed else [np.mean(results[k][0][organ], axis=0) for k in keys])
+            d, j = np.array(values).T * 100
             cells.append(f"{d.mean():.1f} ± {d.std():.1f} | {j.mean():.1f} ± {j.std():.1f}")
         lines.append(f"| {store.labels[organ]} ({n}) | " + " | ".join(cells) + " |")
     for m in methods:

@@ -72,12 +72,10 @@ def liver_mostly_unannotated(tmp_path_factory) -> tuple[Path, list[tuple[sitk.Im
     (image, truth) with their full three-organ labels."""
     root = tmp_path_factory.mktemp("partial") / "store"
     store = CaseStore.create(root, {LIVER: "liver", SPLEEN: "spleen", KIDNEY: "kidney"}, validation_fraction=0.0)
-    merge = np.zeros(14, np.uint8)
-    merge[[1, 3, 2, 13]] = [LIVER, SPLEEN, KIDNEY, KIDNEY]  # FLARE22 liver, spleen, kidneys
     tests = []
     for i in range(LABELED + TEST):
         phantom = generate_phantom(700 + i, size=SIZE, spacing=SPACING)
-        truth = merge[sitk.GetArrayFromImage(phantom.label)]
+        truth = sitk.GetArrayFromImage(_three_organs(phantom))
         assert (truth == LIVER).sum() > 200, f"phantom {700 + i} has almost no liver at this size"
         if i >= LABELED:
             tests.append((phantom.image, truth))
@@ -119,3 +117,40 @@ def test_partial_aware_training_keeps_an_organ_the_plain_loss_loses(liver_mostly
     assert partial >= FLOOR, f"partial-aware training lost the liver: test Dice {partial:.3f} < {FLOOR} (plain {plain:.3f})"
     assert partial - plain >= MARGIN, \
         f"plain reading kept the liver: partial-aware {partial:.3f} - plain {plain:.3f} < {MARGIN}"
+
+
+def test_an_organ_no_training_case_annotates_is_left_out_with_a_warning(tmp_path, single_thread, capsys):
+    """The 10 % OpenKBP split has no training case that contours the larynx: with partial labels
+    nothing separates such an organ from background, and its channel took over 84 % of a volume.
+    The trainer leaves it out of the network and the bundle, and says so."""
+    from GuidedSegLib.bundle import describe_bundle, load_networks
+
+    store = CaseStore.create(tmp_path / "store", {LIVER: "liver", SPLEEN: "spleen", KIDNEY: "kidney"},
+                             validation_fraction=0.0)
+    for i in range(2):
+        phantom = generate_phantom(700 + i, size=SIZE, spacing=SPACING)
+        store.add_labeled(phantom.image, _three_organs(phantom), f"case_{i}",
+                          annotated=[LIVER, SPLEEN])  # the kidneys are drawn but nobody vouched for them
+    config = load_config(None, [
+        f"store={store.root}", f"output={tmp_path / 'run'}", "device=cpu", "method=supervised",
+        "network.widths=[4,8,16,32]", "network.feature_layer=3", "data.patch=[16,24,24]",
+        "data.labeled_batch=2", "optim.iterations=2", "validation.every=100000"])
+    result = train(config, progress="json")
+    assert result.status == "finished"
+    out = capsys.readouterr().out
+    assert "warning: kidney: annotated in none of the 2 labeled training cases" in out
+    metadata, networks = load_networks(result.bundle)
+    assert metadata["labels"] == {"0": "background", "1": "liver", "2": "spleen"}
+    assert metadata["training"]["not_trained"] == {"3": "kidney"}
+    logits, _ = networks["A"](torch.zeros(1, 1, 16, 24, 24))
+    assert logits.shape[1] == 3
+    assert "not learned kidney (annotated in no training case)" in describe_bundle(result.bundle)
+
+
+def _three_organs(phantom) -> sitk.Image:
+    """The phantom's label reduced to liver, spleen and both kidneys as one."""
+    merge = np.zeros(14, np.uint8)
+    merge[[1, 3, 2, 13]] = [LIVER, SPLEEN, KIDNEY, KIDNEY]  # FLARE22 liver, spleen, kidneys
+    label = sitk.GetImageFromArray(merge[sitk.GetArrayFromImage(phantom.label)])
+    label.CopyInformation(phantom.label)
+    return label

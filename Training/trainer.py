@@ -145,8 +145,8 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
 
     plan = _plan(config, store, labeled_ids, output, resume, report, rank)
     cache = Path(config.data.cache) if config.data.cache else output / "cache"
-    data = TrainingData(store, plan, cache, config.data.partial_labels)
-    class_values = data.class_values
+    class_values = _classes(store, labeled_ids, output, resume, report, rank)
+    data = TrainingData(store, plan, cache, config.data.partial_labels, class_values)
     groups = {"train": labeled_ids, "validation": splits.validation, "unlabeled": splits.unlabeled}
     if rank != 0:
         torch.distributed.barrier()  # rank 0 fills the cache first; the others then read it
@@ -355,6 +355,43 @@ def _plan(config, store, labeled_ids, output: Path, resume: bool, report: Report
     return plan
 
 
+def _classes(store, labeled_ids, output: Path, resume: bool, report: Reporter, rank: int) -> list[int]:
+    """The label values the network learns: background and every organ annotated in a training case.
+
+    An organ no training case annotates has no positive example; with partial labels nothing even
+    separates it from background, so its channel would soak up the background mass. It is left
+    out of the network and the bundle (with a warning). Saved in ``classes.json`` for ``--resume``.
+    """
+    classes_file = output / "classes.json"
+    if resume:
+        if not classes_file.is_file():  # a run saved before classes.json existed learned every label
+            return sorted(store.labels)
+        values = json.loads(classes_file.read_text())["values"]
+        missing = [v for v in values if v not in store.labels]
+        if missing:
+            raise TrainingSetupError(f"{store.root}: label values {missing} of the run in {output} are no longer "
+                                     "in the store's label set; start a new run instead of --resume")
+        return values
+    counts = {v: 0 for v in store.organs}
+    for case_id in labeled_ids:
+        for value in store.annotated_labels(case_id):
+            if value in counts:
+                counts[value] += 1
+    untrained = {v: store.labels[v] for v, n in counts.items() if n == 0}
+    if len(untrained) == len(counts):
+        raise TrainingSetupError(f"{store.root}: none of the {len(labeled_ids)} labeled training cases annotates "
+                                 "any organ; their labels hold background only")
+    values = [0] + [v for v in sorted(counts) if counts[v]]
+    if rank == 0:
+        if untrained:
+            report.message(f"warning: {', '.join(untrained.values())}: annotated in none of the {len(labeled_ids)} "
+                           "labeled training cases, so the model will not segment these organs; label them "
+                           "in a training case to include them")
+        with atomic_path(classes_file) as tmp:
+            tmp.write_text(json.dumps({"values": values, "not_trained": {str(v): n for v, n in untrained.items()}}))
+    return values
+
+
 def _patch(config: TrainConfig, cases, plan: PreprocessingPlan, divisor: int) -> tuple[int, int, int]:
     """The training patch (z, y, x): given, or derived from the cases' median shape.
 
@@ -496,7 +533,9 @@ def _write_bundle(config, method, store, plan, patch, class_values, best, labele
             "store": str(store.root), "store_name": store.name,
             "labeled": {cid: store.case(cid).label_version for cid in labeled_ids},
             "validation": {cid: store.case(cid).label_version for cid in splits.validation},
-            "unlabeled": len(splits.unlabeled), "iterations": config.optim.iterations,
+            "unlabeled": len(splits.unlabeled),
+            "not_trained": {str(v): labels[v] for v in store.organs if v not in class_values},
+            "iterations": config.optim.iterations,
             "best_iteration": best["iteration"], "seed": config.seed, "config": config.to_dict(), **cost,
         },
         "validation": best["validation"],
