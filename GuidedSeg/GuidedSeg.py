@@ -61,6 +61,7 @@ class GuidedSegWidget(ScriptedLoadableModuleWidget):
         ScriptedLoadableModuleWidget.setup(self)
         from GuidedSegPanel.widget import PanelWidget
 
+        self.logic = GuidedSegLogic()  # slicer.util.getModuleLogic("GuidedSeg") returns the widget's .logic
         self.panel = PanelWidget(self.resourcePath("UI/GuidedSeg.ui"))
         self.layout.addWidget(self.panel.widget)
         self.layout.addStretch(1)

@@ -137,7 +137,10 @@ def test_label_map_becomes_segments_with_the_bundles_names_colours_and_codes(tmp
         assert tuple(round(c, 6) for c in segment.GetColor()) == COLOURS[value]
         mask = nodes.segment_mask(node, by_name[name], volume, logic, scene)
         assert np.array_equal(mask, sitk.GetArrayFromImage(label) == value), name
+    nodes_before = scene.GetNumberOfNodes()
     assert not nodes.segment_mask(node, by_name["pancreas"], volume, logic, scene).any()
+    # the export's temporary labelmap, its display node and its new colour table are all gone again
+    assert scene.GetNumberOfNodes() == nodes_before
     liver = segmentation.GetSegment(by_name["liver"]).GetTerminology()
     assert "SCT^10200004^Liver" in liver and liver.count("~") == 6
     assert "SCT^64033007^Kidney~SCT^7771000^Left" in segmentation.GetSegment(by_name["kidney_left"]).GetTerminology()

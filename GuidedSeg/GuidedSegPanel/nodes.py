@@ -213,6 +213,7 @@ def segments(segmentation_node) -> list[tuple[str, str]]:
 
 def segment_mask(segmentation_node, segment_id: str, reference_volume, segmentations_logic, scene) -> np.ndarray:
     """One segment as a boolean (K, J, I) array on the reference volume's full grid."""
+    tables = _colour_table_ids(scene)
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "GuidedSeg export")
     try:
         ids = vtk.vtkStringArray()
@@ -226,4 +227,16 @@ def segment_mask(segmentation_node, segment_id: str, reference_volume, segmentat
             raise NodeError(segmentation_node, f"segment {segment_id!r} did not export onto the volume's grid")
         return arrayFromVolume(labelmap) != 0
     finally:
+        # The export gives the labelmap a display node and a new "<segmentation>_ColorTable" node.
+        # Slicer removes the display node with the labelmap, but not the table: remove both here.
+        display = labelmap.GetDisplayNode()
+        colour = display.GetColorNode() if display is not None else None
         scene.RemoveNode(labelmap)
+        for node in (display, colour if colour is not None and colour.GetID() not in tables else None):
+            if node is not None and node.GetScene() is not None:
+                scene.RemoveNode(node)
+
+
+def _colour_table_ids(scene) -> set[str]:
+    return {scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode").GetID()
+            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode"))}

@@ -40,7 +40,7 @@ _CODES: dict[str, tuple[str, str, str]] = {
     "duodenum": ("38848004", "Duodenum", ""),
     "left_atrium": ("82471001", "Left atrium", ""),
     "heart_atrium_left": ("82471001", "Left atrium", ""),
-    "brainstem": ("15926001", "Brainstem", ""),
+    "brainstem": ("119238007", "Brain stem", ""),  # the code Slicer's DICOM master list has
     "spinal_cord": ("2748008", "Spinal cord", ""),
     "spinalcord": ("2748008", "Spinal cord", ""),
     "parotid_right": ("45289007", "Parotid gland", _RIGHT),

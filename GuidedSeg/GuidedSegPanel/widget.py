@@ -233,10 +233,11 @@ class PanelWidget(VTKObservationMixin):
         missing = self.logic.missing_packages()
         if not missing:
             return True
-        try:
-            with slicer.util.WaitCursor():
-                install.install(missing, confirm=slicer.util.confirmOkCancelDisplay,
-                                pip_install=slicer.util.pip_install, install_torch=install.slicer_torch_installer())
+        torch_installer = install.slicer_torch_installer()
+        try:  # the question is asked with the normal cursor; only the installing shows the wait cursor
+            install.install(missing, confirm=slicer.util.confirmOkCancelDisplay,
+                            pip_install=_with_wait_cursor(slicer.util.pip_install),
+                            install_torch=_with_wait_cursor(torch_installer) if torch_installer else None)
         except install.InstallDeclined as declined:
             self.ui.segmentStatusLabel.text = str(declined)
             return False
@@ -396,6 +397,17 @@ class PanelWidget(VTKObservationMixin):
             self.ui.logTextEdit.appendPlainText(line)
 
 
+def _with_wait_cursor(function):
+    """``function`` run under Slicer's wait cursor (Slicer 5.10 and 5.12 message boxes keep a wait
+    cursor set around them, so the cursor is set here around the installing only)."""
+
+    def run(*args, **kwargs):
+        with slicer.util.WaitCursor():
+            return function(*args, **kwargs)
+
+    return run
+
+
 class ExportDialog:
     """Asks which organs the annotator checked; says which will count as annotated."""
 
@@ -426,7 +438,8 @@ class ExportDialog:
         self.summary = qt.QLabel()
         self.summary.wordWrap = True
         layout.addWidget(self.summary)
-        buttons = qt.QDialogButtonBox(qt.QDialogButtonBox.Ok | qt.QDialogButtonBox.Cancel)
+        buttons = qt.QDialogButtonBox()
+        buttons.setStandardButtons(qt.QDialogButtonBox.Ok | qt.QDialogButtonBox.Cancel)
         buttons.button(qt.QDialogButtonBox.Ok).text = "Export"
         buttons.connect("accepted()", self.dialog.accept)
         buttons.connect("rejected()", self.dialog.reject)
