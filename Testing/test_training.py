@@ -84,9 +84,11 @@ def test_bundle_holds_what_inference_needs(phantom_store, cache, tmp_path):
     from GuidedSegLib.bundle import load_networks
 
     output = tmp_path / "run"
-    code, _, err = run_train(phantom_store, output, cache, "optim.iterations=2", method="cps")
+    # optim.amp=on: bf16 autocast and channels-last on CPU too (the YAML "on" is read as text)
+    code, _, err = run_train(phantom_store, output, cache, "optim.iterations=2", "optim.amp=on", method="cps")
     assert code == 0, err
     metadata, networks = load_networks(output / "bundle")
+    assert metadata["training"]["config"]["optim"]["amp"] == "on"
     assert sorted(networks) == ["A", "B"]
     assert metadata["method"] == "cps" and metadata["patch"] == [32, 32, 32] and metadata["stride"] == [16, 16, 16]
     assert metadata["labels"]["1"] == "liver" and len(metadata["labels"]) == 14

@@ -52,7 +52,7 @@ class OptimConfig:
     weight_decay: float = 1e-4
     poly_power: float = 0.9
     grad_clip: float = 12.0  # max gradient norm (0: off)
-    amp: str = "auto"  # "auto" (on for CUDA), "on", "off"
+    amp: str = "auto"  # "auto" (on for CUDA), "on" (also CPU: bf16, fast where the CPU has AMX/AVX512-BF16), "off"
 
 
 @dataclass
@@ -219,6 +219,8 @@ def _coerce(value, kind, key: str):
         raise ConfigError(f"setting {key!r} must be true or false, not {value!r}")
     if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
         raise ConfigError(f"setting {key!r} must be a whole number, not {value!r}")
+    if kind is str and isinstance(value, bool):  # YAML reads a bare on / off as true / false
+        return "on" if value else "off"
     if kind is str and not isinstance(value, str):
         raise ConfigError(f"setting {key!r} must be text, not {value!r}")
     return value

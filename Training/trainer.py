@@ -168,16 +168,18 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     for count, what in ((config.data.labeled_batch, "labeled_batch"), (sampler.unlabeled_batch, "unlabeled_batch")):
         if count % world:
             raise ConfigError(f"data.{what} {count} must be divisible by the {world} processes")
+    amp = config.optim.amp == "on" or (config.optim.amp == "auto" and device.type == "cuda")
+    # Channels-last feeds the tensor cores (CUDA) and the bf16 kernels (CPU with AMX / AVX512-BF16).
+    channels_last = device.type == "cuda" or (amp and device.type == "cpu")
     method.to(device)
-    if device.type == "cuda":
+    if channels_last:
         method.to(memory_format=torch.channels_last_3d)
     if config.optim.optimizer == "adamw":
         optimiser = torch.optim.AdamW(method.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     else:
         optimiser = torch.optim.SGD(method.parameters(), lr=config.optim.lr, momentum=config.optim.momentum,
                                     weight_decay=config.optim.weight_decay, nesterov=False)
-    amp = config.optim.amp == "on" or (config.optim.amp == "auto" and device.type == "cuda")
-    amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
 
     start, best = 0, {"score": -1.0, "iteration": 0, "validation": None}
@@ -215,7 +217,7 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
             for group in optimiser.param_groups:
                 group["lr"] = lr
             batch = Batch(**tensors).to(device)
-            if device.type == "cuda":
+            if channels_last:
                 batch.image = batch.image.contiguous(memory_format=torch.channels_last_3d)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 losses = model(batch, iteration)
