@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from .geometry import Grid
 
 PLAN_VERSION = 1
-NORMALISATIONS = ("percentile", "zscore", "none")
+NORMALISATIONS = ("window", "percentile", "zscore", "none")
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,10 @@ class PreprocessingPlan:
         posterior, z to inferior).
     target_spacing: voxel size after resampling; None keeps each scan's own spacing.
     clip: intensity window applied first (CT: a HU window); None for MRI.
-    normalisation: "percentile" maps the image's [p_low, p_high] percentiles to [0, 1] and
-        clips; "zscore" subtracts the image's mean and divides by its SD; "none" leaves values.
+    normalisation: "window" maps the clip window linearly onto [0, 1], the same mapping for every
+        image (planned CT); "percentile" maps the image's own [p_low, p_high] percentiles to
+        [0, 1] and clips (the paper); "zscore" subtracts the image's mean and divides by its SD
+        (MRI); "none" leaves values.
     """
 
     modality: str = "CT"
@@ -49,6 +51,8 @@ class PreprocessingPlan:
             raise ValueError(f"clip {self.clip} must be (low, high) with low < high")
         if self.normalisation not in NORMALISATIONS:
             raise ValueError(f"normalisation {self.normalisation!r} is not one of {NORMALISATIONS}")
+        if self.normalisation == "window" and self.clip is None:
+            raise ValueError("normalisation 'window' needs a clip window (low, high)")
         low, high = self.percentiles
         if not 0 <= low < high <= 100:
             raise ValueError(f"percentiles {self.percentiles} must satisfy 0 <= low < high <= 100")
@@ -99,8 +103,11 @@ def plan_from_dataset(
     than 3 times the finest, its target is the 10th percentile of that axis instead, so that
     thick-slice scans are not interpolated into many invented slices.
     Intensity: CT is clipped to the 0.5 and 99.5 percentiles of the voxels inside labels
-    (of the whole body where no label exists) pooled over cases, then percentile-normalised;
-    MRI and other modalities get no clip and per-image z-score normalisation.
+    (of the whole body where no label exists) pooled over cases, and that window is mapped onto
+    [0, 1] the same way for every image (as nnU-Net's CT normalisation uses fixed dataset
+    statistics: a given HU value means the same input in every case; per-image percentiles
+    would not, when the window's top is rarer than 0.5 % of an image, as bone is in
+    head-and-neck CT); MRI and other modalities get no clip and per-image z-score normalisation.
     """
     if not images:
         raise ValueError("cannot plan preprocessing from no images")
@@ -126,7 +133,8 @@ def plan_from_dataset(
     if high <= low:
         high = low + 1.0
     return PreprocessingPlan(modality="CT", orientation=orientation, target_spacing=target,
-                             clip=(float(round(low, 1)), float(round(high, 1))), source="planned")
+                             clip=(float(round(low, 1)), float(round(high, 1))), normalisation="window",
+                             source="planned")
 
 
 def _oriented_spacing(image: sitk.Image, orientation: str) -> tuple[float, float, float]:
@@ -209,8 +217,8 @@ def normalise(image: sitk.Image, plan: PreprocessingPlan) -> sitk.Image:
     if plan.normalisation == "none":
         return image
     array = sitk.GetArrayFromImage(image)
-    if plan.normalisation == "percentile":
-        low, high = np.percentile(array, plan.percentiles)
+    if plan.normalisation in ("window", "percentile"):
+        low, high = plan.clip if plan.normalisation == "window" else np.percentile(array, plan.percentiles)
         scale = high - low if high > low else 1.0
         array = np.clip((array - low) / scale, 0.0, 1.0, out=array)
     else:  # zscore

@@ -122,6 +122,19 @@ def test_planning_follows_the_data_not_the_paper_defaults():
     assert plan.target_spacing[0] == pytest.approx(in_plane, rel=0.05)
     assert plan.target_spacing != PAPER.target_spacing and plan.clip != PAPER.clip
     assert plan.clip[0] < 0 < plan.clip[1]
+    # One HU value is one network input in every case: per-image percentiles put the brainstem
+    # at 0.75 in one of these scans and 0.90 in another (the window's bony top is rarer than 0.5 %).
+    assert plan.normalisation == "window"
+    brainstem = []
+    for image, label in zip(images, labels):
+        out = preprocess(image, plan, label)
+        values = sitk.GetArrayViewFromImage(out.image)[sitk.GetArrayViewFromImage(out.label) == 1]
+        brainstem.append(float(np.median(values)))
+    assert max(brainstem) - min(brainstem) < 0.05, brainstem
+    water = sitk.Image(images[0].GetSize(), sitk.sitkFloat32)  # 0 HU everywhere
+    water.CopyInformation(images[0])
+    expected = -plan.clip[0] / (plan.clip[1] - plan.clip[0])
+    assert np.allclose(sitk.GetArrayViewFromImage(preprocess(water, plan).image), expected, atol=1e-5)
     mri = plan_from_dataset(images[:2], modality="MRI")
     assert mri.clip is None and mri.normalisation == "zscore"
 
