@@ -63,3 +63,11 @@ def label_colour(name: str) -> tuple[float, float, float]:
     hue = digest[0] / 255.0
     r, g, b = colorsys.hsv_to_rgb(hue, 0.55 + 0.3 * digest[1] / 255.0, 0.75 + 0.25 * digest[2] / 255.0)
     return (round(r, 3), round(g, 3), round(b, 3))
+
+
+def is_lateral(name: str) -> bool:
+    """True for a name that says which side of the body the structure is on ("kidney_left",
+    "RightParotid", "Parotid_L"): mirroring an image left to right swaps such organs' meaning."""
+    key = normalise_name(name)
+    words = key.split("_")
+    return "left" in key or "right" in key or words[0] in ("l", "r") or words[-1] in ("l", "r")

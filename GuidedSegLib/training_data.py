@@ -9,7 +9,8 @@ of an iteration is a pure function of its number. That makes ``--resume`` contin
 very crops an uninterrupted run would have used, and lets each DDP process take its share of
 one global batch. Labeled and unlabeled crops come from two streams; a labeled crop is centred
 on a voxel of a random annotated organ with probability ``foreground`` (rare organs are seen as
-often as large ones), elsewhere uniformly.
+often as large ones), elsewhere uniformly. Each crop is mirrored along each of ``flip_axes``
+with probability 1/2 (the trainer leaves out the left-right axis when organs have a side).
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ class CropSampler:
     """
 
     def __init__(self, labeled: Sequence[PreparedCase], unlabeled: Sequence[PreparedCase], patch: Sequence[int],
-                 labeled_batch: int, unlabeled_batch: int, foreground: float = 0.33, seed: int = 0):
+                 labeled_batch: int, unlabeled_batch: int, foreground: float = 0.33, seed: int = 0,
+                 flip_axes: Sequence[int] = (0, 1, 2)):
         if not labeled:
             raise ValueError("no labeled training case to sample from")
         self.labeled, self.unlabeled = list(labeled), list(unlabeled)
@@ -163,6 +165,7 @@ class CropSampler:
         self.labeled_batch = labeled_batch
         self.unlabeled_batch = unlabeled_batch if self.unlabeled else 0
         self.foreground, self.seed = foreground, seed
+        self.flip_axes = tuple(sorted(int(a) for a in flip_axes))
         self._pad = SpatialPad(self.patch, method="symmetric")
         set_track_meta(False)  # plain tensors out of MONAI's transforms
 
@@ -184,7 +187,7 @@ class CropSampler:
                     centre = [int(rng.integers(s)) for s in case.shape]
                 start = tuple(int(min(max(c - p // 2, 0), max(s - p, 0)))
                               for c, p, s in zip(centre, self.patch, case.shape))
-                flips = tuple(int(a) for a in np.flatnonzero(rng.random(3) < 0.5))
+                flips = tuple(int(a) for a in np.flatnonzero(rng.random(3) < 0.5) if a in self.flip_axes)
                 crops.append((stream, index, start, flips))
         return crops
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from GuidedSegLib.phantoms import generate_phantom, write_phantom_store
 from GuidedSegLib.store import CaseStore
@@ -209,3 +210,41 @@ def test_config_typo_is_refused_by_the_command(tmp_path):
         load_config(None, ["network.widths=[4,8,16,32]", "network.feature_layer=5"])
     with pytest.raises(ConfigError, match="data.patch"):
         load_config(None, ["data.patch=[32,32]"])
+
+
+# ----------------------------------------------------------------------------------------------
+# crops and mirroring
+
+
+def test_crops_are_a_function_of_the_iteration_and_never_mirror_left_and_right(tmp_path):
+    """A left kidney stays on the left of every crop once the trainer has seen a sided name;
+    without sided names all three axes are mirrored."""
+    from GuidedSegLib.preprocessing import PreprocessingPlan
+    from GuidedSegLib.progress import Reporter
+    from GuidedSegLib.training_data import CropSampler, PreparedCase
+    from Training.trainer import _flip_axes
+
+    image = np.zeros((16, 16, 16), np.float32)
+    image[:, :, :8] = 1.0  # the patient's right half (x < 8 in LPI) is bright
+    label = np.zeros((16, 16, 16), np.uint8)
+    label[4:12, 4:12, 10:14] = 1  # an organ on the left
+    np.save(tmp_path / "i.npy", image)
+    np.save(tmp_path / "l.npy", label)
+    case = PreparedCase("c", tmp_path / "i.npy", tmp_path / "l.npy", (16, 16, 16), 0.0, np.ones(2, bool),
+                        np.zeros(2, bool), {1: np.argwhere(label == 1).astype(np.int32)})
+    sided = CaseStore.create(tmp_path / "sided", {1: "kidney_left"})
+    plain = CaseStore.create(tmp_path / "plain", {1: "liver"})
+    quiet = Reporter("none")
+    lpi = PreprocessingPlan(orientation="LPI")
+    assert _flip_axes(sided, [0, 1], lpi, quiet, 0) == (0, 1)  # LPI: x, the last array axis, is left-right
+    assert _flip_axes(sided, [0, 1], PreprocessingPlan(orientation="PIL"), quiet, 0) == (1, 2)
+    assert _flip_axes(plain, [0, 1], lpi, quiet, 0) == (0, 1, 2)
+
+    sampler = CropSampler([case], [], (16, 16, 16), 2, 0, foreground=1.0, seed=3, flip_axes=(0, 1))
+    for iteration in range(40):
+        batch = sampler.batch(iteration)
+        assert torch.equal(batch["image"], sampler.batch(iteration)["image"])  # pure function of the iteration
+        assert batch["labels"][:, :, :, 10:14].sum() == batch["labels"].sum() > 0
+        assert (batch["image"][:, 0, :, :, :8] == 1).all() and (batch["image"][:, 0, :, :, 8:] == 0).all()
+    mirrored = CropSampler([case], [], (16, 16, 16), 2, 0, foreground=1.0, seed=3)
+    assert any(2 in flips for it in range(40) for _, _, _, flips in mirrored.plan(it))

@@ -32,7 +32,7 @@ from GuidedSegLib.bundle import write_bundle
 from GuidedSegLib.devices import DeviceError, resolve_device
 from GuidedSegLib.errors import GuidedSegError
 from GuidedSegLib.imageio import atomic_path
-from GuidedSegLib.labels import label_colour
+from GuidedSegLib.labels import is_lateral, label_colour
 from GuidedSegLib.methods import Batch, build_method
 from GuidedSegLib.metrics import per_class_dice, summarise
 from GuidedSegLib.preprocessing import PRESETS, PreprocessingPlan, plan_from_dataset
@@ -163,8 +163,9 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     divisor = method.networks["A"].divisor
     patch = _patch(config, prepared["train"], plan, divisor)
     unlabeled_batch = 0 if method_name == "supervised" else config.data.unlabeled_batch
+    flip_axes = _flip_axes(store, class_values, plan, report, rank)
     sampler = CropSampler(prepared["train"], prepared["unlabeled"], patch, config.data.labeled_batch,
-                          unlabeled_batch, config.data.foreground, config.seed)
+                          unlabeled_batch, config.data.foreground, config.seed, flip_axes)
     for count, what in ((config.data.labeled_batch, "labeled_batch"), (sampler.unlabeled_batch, "unlabeled_batch")):
         if count % world:
             raise ConfigError(f"data.{what} {count} must be divisible by the {world} processes")
@@ -392,6 +393,18 @@ def _classes(store, labeled_ids, output: Path, resume: bool, report: Reporter, r
         with atomic_path(classes_file) as tmp:
             tmp.write_text(json.dumps({"values": values, "not_trained": {str(v): n for v, n in untrained.items()}}))
     return values
+
+
+def _flip_axes(store, class_values, plan: PreprocessingPlan, report: Reporter, rank: int) -> tuple[int, ...]:
+    """Array axes (z, y, x) that crops may be mirrored along: all three, except the left-right
+    axis when an organ's name gives its side (a mirrored left parotid would be labeled right)."""
+    lateral = [store.labels[v] for v in class_values if v and is_lateral(store.labels[v])]
+    if not lateral:
+        return (0, 1, 2)
+    left_right = 2 - next(i for i, letter in enumerate(plan.orientation.upper()) if letter in "LR")
+    if rank == 0:
+        report.message(f"no left-right mirroring: {', '.join(lateral)} have a side")
+    return tuple(a for a in (0, 1, 2) if a != left_right)
 
 
 def _patch(config: TrainConfig, cases, plan: PreprocessingPlan, divisor: int) -> tuple[int, int, int]:
