@@ -13,7 +13,8 @@ MODES = ("bar", "json", "none")
 
 
 class Reporter:
-    """``mode``: "bar", "json" or "none"; a disabled reporter (DDP ranks > 0) says nothing."""
+    """``mode``: "bar", "json" or "none" (no progress; messages, warnings and result tables are
+    still printed, on stderr); a disabled reporter (DDP ranks > 0) says nothing."""
 
     def __init__(self, mode: str = "bar", enabled: bool = True):
         if mode not in MODES:
@@ -21,7 +22,7 @@ class Reporter:
         self.mode, self.enabled, self.bar = mode, enabled, None
 
     def message(self, text: str) -> None:
-        if not self.enabled or self.mode == "none":
+        if not self.enabled:
             return
         if self.mode == "json":
             self.emit({"stage": "message", "text": text})

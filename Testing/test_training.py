@@ -90,6 +90,8 @@ def test_bundle_holds_what_inference_needs(phantom_store, cache, tmp_path):
     assert code == 0, err
     metadata, networks = load_networks(output / "bundle")
     assert metadata["training"]["config"]["optim"]["amp"] == "on"
+    assert not metadata["training"]["config"]["objective"]["kt_cps"]  # as run: cps has no KT-CPS, no CGMM
+    assert not metadata["training"]["config"]["objective"]["cgmm"]
     assert sorted(networks) == ["A", "B"]
     assert metadata["method"] == "cps" and metadata["patch"] == [32, 32, 32] and metadata["stride"] == [16, 16, 16]
     assert metadata["labels"]["1"] == "liver" and len(metadata["labels"]) == 14

@@ -99,7 +99,12 @@ class TrainConfig:
     phantoms: PhantomConfig = field(default_factory=PhantomConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings as run: ``objective`` holds what the method really uses (a cps run says
+        kt_cps: false and cgmm: false, whatever the defaults)."""
+        data = dataclasses.asdict(self)
+        if self.method in METHODS:
+            data["objective"] = dataclasses.asdict(self.method_options())
+        return data
 
     def method_options(self) -> MethodOptions:
         """The objective switches for the chosen method (``cps`` turns KT-CPS and the CGMM off)."""

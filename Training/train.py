@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
     parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
-                        help="a progress bar, JSON lines on stdout (for the Slicer panel), or nothing")
+                        help="a progress bar, JSON lines on stdout (for the Slicer panel), or none (messages and the final table only)")
     args = parser.parse_args(argv)
     flags = [f"{k}={v}" for k, v in (("store", args.store), ("method", args.method), ("output", args.output),
                                        ("device", args.device), ("seed", args.seed)) if v is not None]
