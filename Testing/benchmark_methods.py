@@ -238,8 +238,13 @@ def report(results, store: CaseStore) -> str:
         seeds = [key for key in results if key[0] == m]
         per_seed = [np.mean([np.mean(results[k][0][o], axis=0) for o in results[k][0]], axis=0) * 100 for k in seeds]
         means[m] = np.array(per_seed)
-    lines.append("| **mean** | " + " | ".join(f"**{means[m][:, 0].mean():.1f} ± {means[m][:, 0].std():.1f}** | "
-                                            f"**{means[m][:, 1].mean():.1f} ± {means[m][:, 1].std():.1f}**" for m in methods) + " |")
+    if one_seed:  # an SD over one seed would read as a spread of zero
+        lines.append("| **mean of organs** | " + " | ".join(f"**{means[m][0, 0]:.1f}** | **{means[m][0, 1]:.1f}**"
+                                                         for m in methods) + " |")
+    else:
+        lines.append("| **mean** | " + " | ".join(f"**{means[m][:, 0].mean():.1f} ± {means[m][:, 0].std():.1f}** | "
+                                                f"**{means[m][:, 1].mean():.1f} ± {means[m][:, 1].std():.1f}**"
+                                                for m in methods) + " |")
     lines.append("")
     lines.append("| method | seconds / step | peak memory (MB) | seeds |")
     lines.append("|---|---|---|---|")
