@@ -111,10 +111,14 @@ class PanelWidget(VTKObservationMixin):
             box.clear()
             for model in self.logic.models:
                 box.addItem(model.title(), str(model.path))
-                item = box.model().item(box.count - 1)
-                if item is not None and not model.usable:
-                    item.setEnabled(False)
-                    item.setToolTip(model.problem)
+                if not model.usable:
+                    index = box.count - 1
+                    box.setItemData(index, model.problem, qt.Qt.ToolTipRole)
+                    # QComboBox's own model is a QStandardItemModel; PythonQt wraps it as such
+                    item_of = getattr(box.model(), "item", None)
+                    item = item_of(index) if item_of else None
+                    if item is not None:
+                        item.setEnabled(False)
         finally:
             self._updating = was
 
