@@ -73,7 +73,7 @@ def read_image(path: PathLike, *, allow_non_finite: bool = False) -> sitk.Image:
         image = _read_dicom_series(p)
     else:
         if suffix in (".nii", ".nii.gz"):
-            _check_nifti_complete(p)
+            _check_nifti(p, allow_non_finite)
         try:
             image = sitk.ReadImage(str(p))
         except RuntimeError as error:
@@ -100,46 +100,33 @@ def read_grid(path: PathLike) -> Grid:
     return Grid(tuple(reader.GetSize()), tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(direction))
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Refuse a truncated NIfTI file: ITK reads one silently, filling the missing voxels with 0."""
-    compressed = path.name.lower().endswith(".gz")
-    try:
-        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
-            header = handle.read(540)
-    except (OSError, EOFError) as error:
-        raise InputFileError(path, f"cannot be read as an image ({error})") from None
-    expected = _nifti_file_size(header)
-    if expected is None:
-        return  # not a NIfTI header we know; let ITK judge it
-    if not compressed:
-        actual = path.stat().st_size
-    else:
-        with open(path, "rb") as handle:  # gzip's last 4 bytes: uncompressed size mod 2**32
-            handle.seek(-4, os.SEEK_END)
-            actual = struct.unpack("<I", handle.read(4))[0]
-        if actual == expected % 2**32:
-            return
-        actual = 0
-        try:
-            with gzip.open(path, "rb") as handle:
-                while block := handle.read(1 << 24):
-                    actual += len(block)
-        except (OSError, EOFError, zlib.error):
-            raise InputFileError(path, "is truncated or damaged (its compressed data ends early)") from None
-    if actual < expected:
-        raise InputFileError(path, f"is truncated: {actual} bytes where the header needs {expected}")
+@dataclass(frozen=True)
+class _NiftiLayout:
+    """Where a NIfTI file's voxels are and what they are, from its header."""
+
+    offset: int  # bytes before the first voxel
+    voxels: int
+    bitpix: int
+    dtype: str | None  # numpy dtype of a floating-point voxel type, else None
+
+    @property
+    def file_size(self) -> int:
+        return self.offset + self.voxels * self.bitpix // 8
 
 
-def _nifti_file_size(header: bytes) -> int | None:
-    """Bytes a NIfTI-1/2 file needs (voxel offset + voxel data), from its header; None if unknown."""
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
+
+
+def _nifti_layout(header: bytes) -> _NiftiLayout | None:
+    """The voxel layout of a NIfTI-1/2 header; None if it is not one we know."""
     for endian in "<>":
         if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
             dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
             offset = int(struct.unpack(endian + "f", header[108:112])[0])
             break
         if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
             offset = struct.unpack(endian + "q", header[168:176])[0]
             break
@@ -149,7 +136,58 @@ def _nifti_file_size(header: bytes) -> int | None:
     if not 1 <= rank <= 7 or bitpix <= 0:
         return None
     voxels = int(np.prod([max(1, d) for d in dims[1 : rank + 1]], dtype=np.int64))
-    return offset + voxels * bitpix // 8
+    dtype = _NIFTI_FLOAT_TYPES.get(datatype)
+    return _NiftiLayout(offset, voxels, bitpix, endian + dtype if dtype else None)
+
+
+def _check_nifti(path: Path, allow_non_finite: bool) -> None:
+    """Refuse what ITK would read silently wrong: a truncated NIfTI file (missing voxels become
+    0) and, unless ``allow_non_finite``, NaN voxels in a float NIfTI file (ITK reads them as 0)."""
+    compressed = path.name.lower().endswith(".gz")
+    opener = gzip.open if compressed else open
+    try:
+        with opener(path, "rb") as handle:
+            header = handle.read(540)
+    except (OSError, EOFError) as error:
+        raise InputFileError(path, f"cannot be read as an image ({error})") from None
+    layout = _nifti_layout(header)
+    if layout is None:
+        return  # not a NIfTI header we know; let ITK judge it
+    expected = layout.file_size
+    if not compressed:
+        actual = path.stat().st_size
+    else:
+        with open(path, "rb") as handle:  # gzip's last 4 bytes: uncompressed size mod 2**32
+            handle.seek(-4, os.SEEK_END)
+            actual = struct.unpack("<I", handle.read(4))[0]
+        if actual != expected % 2**32:
+            actual = 0
+            try:
+                with gzip.open(path, "rb") as handle:
+                    while block := handle.read(1 << 24):
+                        actual += len(block)
+            except (OSError, EOFError, zlib.error):
+                raise InputFileError(path, "is truncated or damaged (its compressed data ends early)") from None
+    if actual < expected:
+        raise InputFileError(path, f"is truncated: {actual} bytes where the header needs {expected}")
+    if layout.dtype is None or allow_non_finite:
+        return
+    item = np.dtype(layout.dtype).itemsize
+    bad, remaining = 0, layout.voxels
+    try:
+        with opener(path, "rb") as handle:
+            handle.seek(layout.offset)
+            while remaining:
+                block = handle.read(min(remaining, 1 << 22) * item)
+                if not block:
+                    break
+                values = np.frombuffer(block, dtype=layout.dtype)
+                bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+                remaining -= values.size
+    except (OSError, EOFError, zlib.error):
+        raise InputFileError(path, "is truncated or damaged (its compressed data ends early)") from None
+    if bad:
+        raise InputFileError(path, f"contains {bad} NaN or infinite voxels")
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:

@@ -175,6 +175,14 @@ def test_bad_files_get_one_line_errors_naming_the_file(tmp_path, oblique):
     nan[3, 4, 5] = float("nan")
     sitk.WriteImage(nan, str(tmp_path / "nan.nrrd"))
     assert "nan.nrrd: contains 1 NaN" in _one_line_error(lambda: read_image(tmp_path / "nan.nrrd"))
+    nan[6, 2, 1] = float("inf")
+    for name in ("nan.nii.gz", "nan.nii"):  # ITK itself reads NaN in NIfTI as 0
+        sitk.WriteImage(nan, str(tmp_path / name))
+        assert f"{name}: contains 2 NaN or infinite" in _one_line_error(lambda: read_image(tmp_path / name))
+    finite = read_image(tmp_path / "nan.nii.gz", allow_non_finite=True)
+    assert finite.GetSize() == image.GetSize()
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat64), str(tmp_path / "double.nii.gz"))
+    assert read_image(tmp_path / "double.nii.gz").GetPixelID() == sitk.sitkFloat64
 
     write_image(image, tmp_path / "whole.nii.gz")
     data = (tmp_path / "whole.nii.gz").read_bytes()
