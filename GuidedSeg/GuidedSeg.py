@@ -67,7 +67,8 @@ class GuidedSegWidget(ScriptedLoadableModuleWidget):
         self.layout.addStretch(1)
 
     def cleanup(self):
-        panel = getattr(self, "panel", None)
+        # runs twice on a reload (onReload below, then Slicer's reloadScriptedModule): once is enough
+        panel, self.panel = getattr(self, "panel", None), None
         if panel is not None:
             panel.cleanup()
 
