@@ -1,4 +1,4 @@
-"""GuidedSeg: semi-supervised 3D organ segmentation (GuidedNet, Dual-KMax UX-Net) in 3D Slicer.
+"""GuidedSeg: semi-supervised 3D organ segmentation (GuidedNet) in 3D Slicer.
 
 This file is thin: the module's description, a widget that embeds the panel, the logic Slicer's
 conventions expect, and the self-test. The panel's parts live in GuidedSegPanel/ (one job per
@@ -34,7 +34,7 @@ class GuidedSeg(ScriptedLoadableModule):
         self.parent.contributors = ["GuidedSeg developers"]
         self.parent.helpText = (
             "Semi-supervised 3D organ segmentation that learns from a few labeled and many unlabeled scans "
-            "(GuidedNet, Dual-KMax UX-Net).<br><br>"
+            "(GuidedNet, with supervised-only and cross-pseudo-supervision baselines).<br><br>"
             "<b>Segment</b>: choose a volume and a model bundle from the models folder, then click Segment; it runs "
             "in the background (Cancel stops it) and gives a segmentation with named, coloured segments.<br>"
             "<b>Correct</b> it in the Segment Editor.<br>"
@@ -48,7 +48,7 @@ class GuidedSeg(ScriptedLoadableModule):
         )
         self.parent.acknowledgementText = (
             "GuidedNet: Zhao et al., \"GuidedNet: Semi-Supervised Multi-Organ Segmentation via "
-            "Labeled Data Guide Unlabeled Data\". Dual-KMax UX-Net. Built with "
+            "Labeled Data Guide Unlabeled Data\". Built with "
             '<a href="https://monai.io">MONAI</a> and '
             '<a href="https://www.slicer.org">3D Slicer</a>.'
         )
