@@ -111,7 +111,7 @@ def three_organ_store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def three_organ_run(three_organ_store, tmp_path_factory):
-    """Supervised training of a tiny U-Net for 150 iterations (about a minute on 2 cores).
+    """Supervised training of a tiny U-Net for 120 iterations (about a minute on 2 cores).
     Returns (output folder, exit code, stdout, stderr); the bundle is ``output / "bundle"``."""
     import subprocess
     import sys
@@ -121,8 +121,8 @@ def three_organ_run(three_organ_store, tmp_path_factory):
     command = [sys.executable, str(root / "Training" / "train.py"), "--store", str(three_organ_store),
                "--output", str(output), "--method", "supervised", "--device", "cpu", "--progress", "json",
                f"data.cache={output.parent / 'cache'}", "network.widths=[4,8,16,32]", "network.feature_layer=3",
-               "data.labeled_batch=2", "data.unlabeled_batch=2", "checkpoint_every=1000", "optim.iterations=150",
-               "validation.every=75", "data.patch=[32,48,48]"]
+               "data.labeled_batch=2", "data.unlabeled_batch=2", "checkpoint_every=1000", "optim.iterations=120",
+               "validation.every=60", "data.patch=[32,48,48]"]
     done = subprocess.run(command, capture_output=True, encoding="utf-8", cwd=root, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     return output, done.returncode, done.stdout, done.stderr
