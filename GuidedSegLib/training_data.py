@@ -7,14 +7,10 @@ the plan, so a second run or a resumed run starts at once and a new label versio
 Crops are drawn by :class:`CropSampler` from a generator seeded by (seed, iteration): the batch
 of an iteration is a pure function of its number. That makes ``--resume`` continue with the
 very crops an uninterrupted run would have used, and lets each DDP process take its share of
-one global batch. Labeled and unlabeled crops come from two streams. With probability
-``foreground`` a labeled crop is centred on an organ: the organ is drawn first, uniformly among
-the organs some training case annotates, then a case that annotates it, then one of its voxels.
-So small organs and organs contoured in only a few cases are seen as often as the others;
-drawing the case first would show an organ annotated in 7 of 28 cases a quarter as often.
-Otherwise the case is drawn uniformly and the centre too. Each crop is mirrored along each
-of ``flip_axes`` with probability 1/2 (the trainer leaves out the left-right axis when organs
-have a side).
+one global batch. Labeled and unlabeled crops come from two streams; a labeled crop is centred
+on a voxel of a random annotated organ with probability ``foreground`` (rare organs are seen as
+often as large ones), elsewhere uniformly. Each crop is mirrored along each of ``flip_axes``
+with probability 1/2 (the trainer leaves out the left-right axis when organs have a side).
 """
 
 from __future__ import annotations
@@ -170,10 +166,6 @@ class CropSampler:
         self.unlabeled_batch = unlabeled_batch if self.unlabeled else 0
         self.foreground, self.seed = foreground, seed
         self.flip_axes = tuple(sorted(int(a) for a in flip_axes))
-        self.holders: dict[int, list[int]] = {}  # organ -> the labeled cases that annotate it (with voxels)
-        for index, case in enumerate(self.labeled):
-            for organ in case.locations:
-                self.holders.setdefault(organ, []).append(index)
         self._pad = SpatialPad(self.patch, method="symmetric")
         set_track_meta(False)  # plain tensors out of MONAI's transforms
 
@@ -184,15 +176,14 @@ class CropSampler:
         for stream, cases, count in (("labeled", self.labeled, self.labeled_batch),
                                      ("unlabeled", self.unlabeled, self.unlabeled_batch)):
             for _ in range(count):
-                if stream == "labeled" and self.holders and rng.random() < self.foreground:
-                    organs = sorted(self.holders)
-                    organ = organs[int(rng.integers(len(organs)))]
-                    index = self.holders[organ][int(rng.integers(len(self.holders[organ])))]
-                    case = cases[index]
-                    centre = case.locations[organ][int(rng.integers(len(case.locations[organ])))]
-                else:
-                    index = int(rng.integers(len(cases)))
-                    case = cases[index]
+                index = int(rng.integers(len(cases)))
+                case = cases[index]
+                centre = None
+                if stream == "labeled" and rng.random() < self.foreground and case.locations:
+                    classes = sorted(case.locations)
+                    where = case.locations[classes[int(rng.integers(len(classes)))]]
+                    centre = where[int(rng.integers(len(where)))]
+                if centre is None:
                     centre = [int(rng.integers(s)) for s in case.shape]
                 start = tuple(int(min(max(c - p // 2, 0), max(s - p, 0)))
                               for c, p, s in zip(centre, self.patch, case.shape))

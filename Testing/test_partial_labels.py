@@ -14,15 +14,16 @@ share the liver's intensity and need position context: with every case fully ann
 stayed at Dice 0.00 after 400 steps (crops 24 x 40 x 40, 8 x 8 x 10 mm), so they cannot tell the
 two readings apart in a test's budget.
 
-Measured (mean liver Dice on the 2 test cases, this store, 1 CPU thread), partial / plain,
-with the organ-first crop sampler: seed 0: 0.810 / 0.000, seed 1: 0.661 / 0.000,
-seed 2: 0.727 / 0.000, seed 3: 0.836 / 0.000, seed 4: 0.823 / 0.000, seed 5: 0.000 / 0.000.
+Measured (mean liver Dice on the 2 test cases, this store, 1 CPU thread), partial / plain:
+seed 0: 0.740 / 0.000, seed 1: 0.714 / 0.000, seed 2: 0.730 / 0.000, seed 3: 0.808 / 0.000,
+seed 4: 0.528 / 0.545, seed 5: 0.819 / 0.000.
 The test runs seed 0 (bit-for-bit repeatable on CPU) and asserts partial >= FLOOR = 0.6 and
-partial - plain >= MARGIN = 0.5. Seed 5 is why this is one fixed seed and not a claim about
-every run: there the partial-aware network segmented no test liver within 250 steps. With the earlier case-first sampler the exception was seed 4 the other way round (0.528 /
-0.545: with 5 training cases the plain network can tell the cases apart, so "background" in 3
-of them does not always wipe the liver out of the other 2), and the other seeds were 0.714-0.819
-partial-aware against 0.000 plain.
+partial - plain >= MARGIN = 0.5. Seed 4 is the exception and is why this is one fixed seed and
+not a claim about every run: with 5 training cases the plain network can tell the cases apart,
+so "background" in 3 of them does not always wipe the liver out of the other 2, and then it
+segments test livers too. With 8 labeled cases of which 3 keep the liver, partial / plain over
+seeds 0-5 was 0.786/0.000, 0.695/0.000, 0.762/0.000, 0.597/0.000, 0.708/0.483, 0.828/0.000:
+seed 4 again the exception.
 
 Measured on the way there (same store layout): with only 1 of 4 cases keeping the liver, or at
 lr 0.05-0.1 and 100-160 steps, the partial-aware run stayed in the all-background plateau for
@@ -152,27 +153,3 @@ def _three_organs(phantom) -> sitk.Image:
     label = sitk.GetImageFromArray(merge[sitk.GetArrayFromImage(phantom.label)])
     label.CopyInformation(phantom.label)
     return label
-
-
-def test_an_organ_few_cases_annotate_is_cropped_as_often_as_one_every_case_annotates(tmp_path):
-    """Foreground crops draw the organ first: an organ annotated in 1 of 4 training cases is the
-    centre of about half the foreground crops, not the eighth that drawing the case first gives."""
-    from GuidedSegLib.training_data import CropSampler, PreparedCase
-
-    cases = []
-    for index in range(4):
-        label = np.zeros((32, 8, 8), np.uint8)
-        label[2:6] = 1  # in every case, far from organ 2
-        annotated = np.array([True, True, index == 0])
-        if index == 0:
-            label[26:30] = 2
-        np.save(tmp_path / f"l{index}.npy", label)
-        np.save(tmp_path / f"i{index}.npy", label.astype(np.float32))
-        locations = {k: np.argwhere(label == k).astype(np.int32) for k in (1, 2) if annotated[k] and (label == k).any()}
-        cases.append(PreparedCase(f"c{index}", tmp_path / f"i{index}.npy", tmp_path / f"l{index}.npy", label.shape,
-                                  0.0, annotated, np.zeros(3, bool), locations))
-    sampler = CropSampler(cases, [], (8, 8, 8), 2, 0, foreground=1.0, seed=0)
-    crops = [sampler.batch(iteration)["labels"] for iteration in range(200)]
-    with_organ_2 = sum(int((labels == 2).any(dim=(1, 2, 3)).sum()) for labels in crops)
-    assert 0.4 <= with_organ_2 / 400 <= 0.6, with_organ_2
-    assert sampler.holders == {1: [0, 1, 2, 3], 2: [0]}

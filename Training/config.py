@@ -37,7 +37,7 @@ class DataConfig:
     patch_voxels: int = 48 * 48 * 32  # budget of an automatic patch
     labeled_batch: int = 2  # global, over all processes
     unlabeled_batch: int = 2
-    foreground: float = 0.33  # share of labeled crops centred on an organ (drawn first, then a case annotating it)
+    foreground: float = 0.33  # share of labeled crops centred on an annotated organ
     partial_labels: bool = True  # unannotated organs are unknown (False: plain, read as background)
     cache: str | None = None  # preprocessed-data cache (default: <output>/cache)
     workers: int = 0  # DataLoader processes
