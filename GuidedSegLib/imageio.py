@@ -144,50 +144,54 @@ def _check_nifti(path: Path, allow_non_finite: bool) -> None:
     """Refuse what ITK would read silently wrong: a truncated NIfTI file (missing voxels become
     0) and, unless ``allow_non_finite``, NaN voxels in a float NIfTI file (ITK reads them as 0)."""
     compressed = path.name.lower().endswith(".gz")
-    opener = gzip.open if compressed else open
     try:
-        with opener(path, "rb") as handle:
+        with (gzip.open if compressed else open)(path, "rb") as handle:
             header = handle.read(540)
     except (OSError, EOFError) as error:
         raise InputFileError(path, f"cannot be read as an image ({error})") from None
     layout = _nifti_layout(header)
     if layout is None:
         return  # not a NIfTI header we know; let ITK judge it
-    expected = layout.file_size
+    check_finite = layout.dtype is not None and not allow_non_finite
     if not compressed:
-        actual = path.stat().st_size
+        size = path.stat().st_size
     else:
         with open(path, "rb") as handle:  # gzip's last 4 bytes: uncompressed size mod 2**32
             handle.seek(-4, os.SEEK_END)
-            actual = struct.unpack("<I", handle.read(4))[0]
-        if actual != expected % 2**32:
-            actual = 0
-            try:
-                with gzip.open(path, "rb") as handle:
-                    while block := handle.read(1 << 24):
-                        actual += len(block)
-            except (OSError, EOFError, zlib.error):
-                raise InputFileError(path, "is truncated or damaged (its compressed data ends early)") from None
-    if actual < expected:
-        raise InputFileError(path, f"is truncated: {actual} bytes where the header needs {expected}")
-    if layout.dtype is None or allow_non_finite:
+            trailer = struct.unpack("<I", handle.read(4))[0]
+        size = layout.file_size if trailer == layout.file_size % 2**32 else None  # None: read to know
+    if size is not None and size < layout.file_size:
+        raise InputFileError(path, f"is truncated: {size} bytes where the header needs {layout.file_size}")
+    if size is not None and not check_finite:
         return
-    item = np.dtype(layout.dtype).itemsize
-    bad, remaining = 0, layout.voxels
+    present, bad = _stream_voxels(path, compressed, layout, check_finite)  # one pass for both checks
+    if layout.offset + present < layout.file_size:
+        raise InputFileError(path, f"is truncated: {layout.offset + present} bytes where the header needs "
+                                   f"{layout.file_size}")
+    if bad:
+        raise InputFileError(path, _non_finite_message(bad))
+
+
+def _stream_voxels(path: Path, compressed: bool, layout: _NiftiLayout, check_finite: bool) -> tuple[int, int]:
+    """(voxel bytes present, non-finite voxels counted if ``check_finite``), in bounded memory."""
+    need = layout.file_size - layout.offset
+    dtype = np.dtype(layout.dtype) if check_finite else None
+    present = bad = 0
     try:
-        with opener(path, "rb") as handle:
+        with (gzip.open if compressed else open)(path, "rb") as handle:
             handle.seek(layout.offset)
-            while remaining:
-                block = handle.read(min(remaining, 1 << 22) * item)
-                if not block:
-                    break
-                values = np.frombuffer(block, dtype=layout.dtype)
-                bad += int(values.size - np.count_nonzero(np.isfinite(values)))
-                remaining -= values.size
+            while present < need and (block := handle.read(min(1 << 24, need - present))):
+                present += len(block)
+                if dtype is not None:
+                    values = np.frombuffer(block, dtype=dtype, count=len(block) // dtype.itemsize)
+                    bad += int(values.size - np.count_nonzero(np.isfinite(values)))
     except (OSError, EOFError, zlib.error):
         raise InputFileError(path, "is truncated or damaged (its compressed data ends early)") from None
-    if bad:
-        raise InputFileError(path, f"contains {bad} NaN or infinite voxels")
+    return present, bad
+
+
+def _non_finite_message(count: int) -> str:
+    return f"contains {count} NaN or infinite voxels"
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -223,7 +227,7 @@ def check_volume(image: sitk.Image, where: PathLike, *, allow_non_finite: bool =
     if not allow_non_finite and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         bad = int(np.count_nonzero(~np.isfinite(sitk.GetArrayViewFromImage(image))))
         if bad:
-            raise InputFileError(where, f"contains {bad} NaN or infinite voxels")
+            raise InputFileError(where, _non_finite_message(bad))
     return image
 
 

@@ -114,7 +114,8 @@ class PanelWidget(VTKObservationMixin):
                 if not model.usable:
                     index = box.count - 1
                     box.setItemData(index, model.problem, qt.Qt.ToolTipRole)
-                    # QComboBox's own model is a QStandardItemModel; PythonQt wraps it as such
+                    # a QComboBox's own model is a QStandardItemModel; should PythonQt hand it back as the
+                    # base QAbstractItemModel, the item stays selectable and the tooltip still says why
                     item_of = getattr(box.model(), "item", None)
                     item = item_of(index) if item_of else None
                     if item is not None:
