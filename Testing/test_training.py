@@ -86,8 +86,10 @@ def test_bundle_holds_what_inference_needs(phantom_store, cache, tmp_path):
 
     output = tmp_path / "run"
     # optim.amp=on: bf16 autocast and channels-last on CPU too (the YAML "on" is read as text)
-    code, _, err = run_train(phantom_store, output, cache, "optim.iterations=2", "optim.amp=on", method="cps")
+    code, out, err = run_train(phantom_store, output, cache, "optim.iterations=2", "optim.amp=on", method="cps")
     assert code == 0, err
+    # TINY's 4 full-resolution channels for 14 classes is the width that left most phantom organs unlearned
+    assert "warning: network.widths starts at 4 channels for 14 classes" in out and "at least 7" in out
     metadata, networks = load_networks(output / "bundle")
     assert metadata["training"]["config"]["optim"]["amp"] == "on"
     assert not metadata["training"]["config"]["objective"]["kt_cps"]  # as run: cps has no KT-CPS, no CGMM

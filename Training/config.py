@@ -25,7 +25,10 @@ class ConfigError(GuidedSegError, ValueError):
 
 @dataclass
 class NetworkConfig:
-    widths: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])  # paper: [16, 32, 64, 128, 256]
+    # Channels per level. The full-resolution block feeds the 1x1x1 head, so it needs room for the
+    # classes: [4, ...] left 11 of 13 phantom organs unlearned after 1000 steps, [8, ...] learned 7 by
+    # step 600 (Testing/BENCHMARKS.md). Paper: [16, 32, 64, 128, 256].
+    widths: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
     dropout: float = 0.3
     feature_layer: int = 4  # decoder block whose features the CGMM models (4 = last, full resolution)
 

@@ -156,6 +156,10 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     if rank == 0 and world > 1:
         torch.distributed.barrier()
 
+    if rank == 0 and 2 * config.network.widths[0] < len(class_values):
+        report.message(f"warning: network.widths starts at {config.network.widths[0]} channels for {len(class_values)} "
+                       f"classes; a full-resolution level narrower than half the class count left most phantom organs "
+                       f"unlearned (Testing/BENCHMARKS.md); give it at least {-(-len(class_values) // 2)}")
     method_name = config.method
     network_spec = {"architecture": "unet3d", "in_channels": 1, **dataclasses.asdict(config.network)}
     torch.manual_seed(config.seed)
