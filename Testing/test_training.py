@@ -163,6 +163,45 @@ def test_two_process_torchrun_matches_one_process(phantom_store, cache, tmp_path
         assert two[i] == pytest.approx(one[i], rel=2e-4), f"iteration {i}: 1 process {one[i]}, 2 processes {two[i]}"
 
 
+def test_a_non_finite_gradient_skips_its_step_instead_of_poisoning_the_weights(phantom_store, cache, tmp_path,
+                                                                              monkeypatch, capsys):
+    """One NaN gradient (as PyTorch's bf16 CPU convolutions produce for 2-deep maps) must not reach
+    the optimiser: AdamW would carry it into every weight and every later step."""
+    import Training.trainer as trainer
+
+    built = trainer.build_method
+
+    def build_with_a_nan_at_the_second_backward(*args, **kwargs):
+        method = built(*args, **kwargs)
+        calls = iter(range(1000))
+        first = next(method.networks["A"].parameters())
+        first.register_hook(lambda grad: grad * float("nan") if next(calls) == 1 else grad)
+        return method
+
+    monkeypatch.setattr(trainer, "build_method", build_with_a_nan_at_the_second_backward)
+    output = tmp_path / "run"
+    result = train(config(phantom_store, output, f"data.cache={cache}", "optim.iterations=4",
+                          "optim.optimizer=adamw"), progress="none")
+    captured = capsys.readouterr()
+    assert result.status == "finished"
+    assert "iteration 1: gradient norm is nan; step skipped" in captured.out + captured.err
+    assert sorted(losses(output)) == [1, 2, 3, 4] and all(np.isfinite(list(losses(output).values())))
+    from GuidedSegLib.bundle import load_networks
+
+    _, networks = load_networks(output / "bundle")
+    assert all(torch.isfinite(p).all() for net in networks.values() for p in net.parameters())
+
+
+def test_bf16_on_cpu_is_not_used_where_its_convolutions_give_wrong_gradients(phantom_store, cache, tmp_path):
+    """PyTorch 2.13's bf16 CPU Conv3d returns garbage weight gradients for feature maps 2 voxels
+    deep; a 16-deep patch through 3 poolings makes one, so the trainer trains in float32."""
+    code, out, err = run_train(phantom_store, tmp_path / "run", cache, "optim.iterations=3", "optim.amp=on",
+                               "data.patch=[16,32,32]", method="supervised")
+    assert code == 0, err
+    assert "warning: optim.amp=on ignored: patch [16, 32, 32] (z, y, x) leaves a feature map 2 voxels deep" in out
+    assert "at least 24 along z" in out
+
+
 # ----------------------------------------------------------------------------------------------
 # refusals, each before any training step
 

@@ -44,6 +44,7 @@ from .config import ConfigError, TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
+MAX_SKIPPED_IN_A_ROW = 20
 PLANNING_CASES = 30
 
 
@@ -174,6 +175,13 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
         if count % world:
             raise ConfigError(f"data.{what} {count} must be divisible by the {world} processes")
     amp = config.optim.amp == "on" or (config.optim.amp == "auto" and device.type == "cuda")
+    if amp and device.type == "cpu" and patch[0] // divisor < 3:
+        # Measured with PyTorch 2.13 (Testing/BENCHMARKS.md): on CPU, a bf16 Conv3d over a feature map
+        # 2 voxels deep (first axis) returns weight gradients of 1e30 or NaN in a third of the steps.
+        report.message(f"warning: optim.amp=on ignored: patch {list(patch)} (z, y, x) leaves a feature map 2 "
+                       f"voxels deep, where bfloat16 convolutions on the CPU give wrong gradients; training runs "
+                       f"in float32 (a patch of at least {3 * divisor} along z avoids this)")
+        amp = False
     # Channels-last feeds the tensor cores (CUDA) and the bf16 kernels (CPU with AMX / AVX512-BF16).
     channels_last = device.type == "cuda" or (amp and device.type == "cpu")
     method.to(device)
@@ -212,6 +220,7 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
                                          persistent_workers=False)
     report.start_iterations(start, total)
     began, iteration, stopped = time.monotonic(), start, None
+    skipped_in_a_row = 0
     step_time = 0.0  # training steps only, without validation and checkpoints
     method.train()  # validation switches to eval and back
     with StopRequest() as stop:
@@ -229,14 +238,22 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
             loss = losses["total"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"iteration {iteration}: loss is {loss.item()} "
-                                         f"({ {k: float(v) for k, v in losses.items()} }); lower optim.lr")
+                                         f"({ {k: round(v.item(), 4) for k, v in losses.items()} }); "
+                                         "lower optim.lr, or set optim.amp=off")
             optimiser.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if config.optim.grad_clip > 0:
-                scaler.unscale_(optimiser)
-                torch.nn.utils.clip_grad_norm_(method.parameters(), config.optim.grad_clip)
-            scaler.step(optimiser)
+            scaler.unscale_(optimiser)
+            norm = torch.nn.utils.clip_grad_norm_(method.parameters(), config.optim.grad_clip or math.inf)
+            finite = bool(torch.isfinite(norm))
+            if finite or scaler.is_enabled():
+                scaler.step(optimiser)  # a float16 scaler skips a non-finite step itself and lowers its scale
             scaler.update()
+            skipped_in_a_row = 0 if finite else skipped_in_a_row + 1
+            if not finite and not scaler.is_enabled():  # one NaN step would make every later step NaN
+                report.message(f"iteration {iteration}: gradient norm is {norm.item()}; step skipped")
+            if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise FloatingPointError(f"iteration {iteration}: {skipped_in_a_row} steps in a row had a "
+                                         "non-finite gradient; lower optim.lr, or set optim.amp=off")
             done = iteration + 1
             values = _mean_over_processes(losses, world)  # .tolist() waits for the GPU, so the timing is real
             step_time += time.monotonic() - step_began
