@@ -167,13 +167,15 @@ def test_a_non_finite_gradient_skips_its_step_instead_of_poisoning_the_weights(p
                                                                               monkeypatch, capsys):
     """One NaN gradient (as PyTorch's bf16 CPU convolutions produce for 2-deep maps) must not reach
     the optimiser: AdamW would carry it into every weight and every later step."""
+    import itertools
+
     import Training.trainer as trainer
 
     built = trainer.build_method
 
     def build_with_a_nan_at_the_second_backward(*args, **kwargs):
         method = built(*args, **kwargs)
-        calls = iter(range(1000))
+        calls = itertools.count()
         first = next(method.networks["A"].parameters())
         first.register_hook(lambda grad: grad * float("nan") if next(calls) == 1 else grad)
         return method
