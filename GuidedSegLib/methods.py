@@ -6,8 +6,10 @@ DDP wrapper around it synchronises the gradients of every network it holds.
 
 Partially annotated crops (methods.md section 3): supervised terms use the marginal loss over
 the crop's annotated set; pseudo-label terms (CPS, L_rectify) also cover the background voxels
-of a partially annotated crop, where an unannotated organ may be; KT-CPS counts and the CGMM
-statistics use annotated voxels only.
+of a partially annotated crop, where an unannotated organ may be; KT-CPS counts, L_gt and
+L_self use annotated voxels only. The mixture's background component is fitted on every voxel
+labeled background, so in a partially annotated crop it stands for background plus the
+unannotated organs (the marginal loss's merged background).
 """
 
 from __future__ import annotations
@@ -195,13 +197,19 @@ class CrossPseudo(Method):
             return t[:, ::stride, ::stride, ::stride] if stride > 1 else t
 
         labels, known_here = coarse(batch.labels), coarse(known)
+        # Every labeled voxel: organ components come from annotated organs only (an unannotated
+        # organ is 0 in the labels), and the background one from all background-labeled voxels.
+        # Fitting background on fully annotated crops only leaves partial data with no background
+        # component (OpenKBP at 10%: no training case annotates every organ), and then G sends
+        # every voxel to some organ and L_rectify teaches that.
+        fit_voxels = torch.ones_like(known_here)
         rectify_mask = coarse(batch.pseudo_label_voxels(include_annotated=False)) if o.loss_rectify else None
         for name in ("A", "B"):
             logits, features = out[name]
             probabilities = torch.softmax(logits.float(), 1)
             if stride > 1:
                 probabilities = F.avg_pool3d(probabilities, stride)
-            params = cgmm.fit(features[:n], labels, probabilities[:n], known_here, self.num_classes,
+            params = cgmm.fit(features[:n], labels, probabilities[:n], fit_voxels, self.num_classes,
                               o.var_floor, o.mixing)
             if not bool(params.present.any()):  # no annotated voxel in any labeled crop: no mixture
                 return {**parts, "cgmm": zero}

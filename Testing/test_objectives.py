@@ -671,6 +671,22 @@ def test_guidednet_coarse_feature_layer():
         assert float(out["gt"]) > 0, f"feature_layer=1 on {case}: L_gt is {float(out['gt'])}"
 
 
+def test_guidednet_mixture_keeps_background_when_no_crop_is_fully_annotated():
+    """Partial data often has no fully annotated case (OpenKBP at 10%: neither training case
+    annotates every organ). The mixture must still have a background component, or G' sends
+    every unlabeled voxel to an organ. So marking an organ that no crop holds as unannotated
+    must not change the mixture the unlabeled crops see: their L_cons is the same."""
+    full = make_batch("one_organ_and_background")  # organ 1 in the labeled crops, organs 2-3 in none
+    partial = methods.Batch(full.image, full.labels, full.annotated.clone(), full.absent)
+    partial.annotated[:, 3] = False
+    _, out_full = run_method("guidednet", full)
+    _, out_partial = run_method("guidednet", partial)
+    assert float(out_full["cons"]) > 0, "L_cons is 0 on the fully annotated batch: the test cannot tell"
+    assert torch.allclose(out_partial["cons"], out_full["cons"], rtol=1e-5), (
+        f"L_cons {float(out_partial['cons']):.6g} with organ 3 unannotated (and in no crop) != "
+        f"{float(out_full['cons']):.6g} with every organ annotated: the partial crops' mixture lost a component")
+
+
 def test_guidednet_ktcps_weights_updated_and_finite():
     method, out = run_method("guidednet", make_batch("one_organ_and_background"))
     for name in ("A", "B"):
