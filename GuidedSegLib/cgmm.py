@@ -32,17 +32,22 @@ class CGMMParameters:
     present: torch.Tensor
 
 
-def fit(features: torch.Tensor, labels: torch.Tensor, probabilities: torch.Tensor, mask: torch.Tensor,
+def fit(features: torch.Tensor, labels: torch.Tensor, probabilities: torch.Tensor, mask: torch.Tensor | None,
         num_classes: int, var_floor: float = 1e-4, mixing: str = "uniform") -> CGMMParameters:
     """Class means (Eq. 3), prediction-weighted diagonal variances (Eq. 4) and mixing coefficients,
-    pooled over every labeled crop (of every process under DDP), from voxels where ``mask``.
+    pooled over every labeled crop (of every process under DDP), from voxels where ``mask``
+    (``None``: every voxel).
 
     Gradients flow into the features through mean and variance; ``probabilities`` are weights
     and are used detached.
     """
-    f = features.float().movedim(1, -1)[mask]  # (N, C)
-    y = labels[mask]  # (N,)
-    p = probabilities.detach().float().movedim(1, -1)[mask]  # (N, K)
+    f = features.float().movedim(1, -1)  # (..., C)
+    y = labels
+    p = probabilities.detach().float().movedim(1, -1)  # (..., K)
+    if mask is None:
+        f, y, p = f.reshape(-1, f.shape[-1]), y.reshape(-1), p.reshape(-1, p.shape[-1])
+    else:
+        f, y, p = f[mask], y[mask], p[mask]  # (N, C), (N,), (N, K)
     one_hot = F.one_hot(y, num_classes).to(f.dtype)  # (N, K)
     counts = all_sum(one_hot.sum(0))  # (K,)
     present = counts > 0

@@ -197,22 +197,19 @@ class CrossPseudo(Method):
             return t[:, ::stride, ::stride, ::stride] if stride > 1 else t
 
         labels, known_here = coarse(batch.labels), coarse(known)
-        # Every labeled voxel: organ components come from annotated organs only (an unannotated
-        # organ is 0 in the labels), and the background one from all background-labeled voxels.
-        # Fitting background on fully annotated crops only leaves partial data with no background
-        # component (OpenKBP at 10%: no training case annotates every organ), and then G sends
-        # every voxel to some organ and L_rectify teaches that.
-        fit_voxels = torch.ones_like(known_here)
         rectify_mask = coarse(batch.pseudo_label_voxels(include_annotated=False)) if o.loss_rectify else None
         for name in ("A", "B"):
             logits, features = out[name]
             probabilities = torch.softmax(logits.float(), 1)
             if stride > 1:
                 probabilities = F.avg_pool3d(probabilities, stride)
-            params = cgmm.fit(features[:n], labels, probabilities[:n], fit_voxels, self.num_classes,
+            # Fitted on every labeled voxel: organ components see annotated organs only (an
+            # unannotated organ is 0 in the labels), the background one all background-labeled
+            # voxels. Background from fully annotated crops only would leave partial data (OpenKBP
+            # at 10%: no case annotates every organ) with no background, and G would send every
+            # voxel to some organ.
+            params = cgmm.fit(features[:n], labels, probabilities[:n], None, self.num_classes,
                               o.var_floor, o.mixing)
-            if not bool(params.present.any()):  # no annotated voxel in any labeled crop: no mixture
-                return {**parts, "cgmm": zero}
             log_g = cgmm.log_posterior(features, params)  # (B, K, ...): G on labeled, G' on unlabeled
             g = log_g.exp()
             posteriors[name] = g
