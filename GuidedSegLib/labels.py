@@ -71,3 +71,42 @@ def is_lateral(name: str) -> bool:
     key = normalise_name(name)
     words = key.split("_")
     return "left" in key or "right" in key or words[0] in ("l", "r") or words[-1] in ("l", "r")
+
+
+def _swap_side(key: str) -> str:
+    """The canonical name of the same structure on the other side ("kidney_left" -> "kidney_right",
+    "rightparotid" -> "leftparotid", "parotid_l" -> "parotid_r")."""
+    swapped = key.replace("left", "\0").replace("right", "left").replace("\0", "right")
+    if swapped != key:
+        return swapped
+    words = key.split("_")
+    flip = {"l": "r", "r": "l"}
+    if words[0] in flip:
+        words[0] = flip[words[0]]
+    elif words[-1] in flip:
+        words[-1] = flip[words[-1]]
+    return "_".join(words)
+
+
+def mirror_permutation(names: list[str]) -> tuple[list[int] | None, list[str]]:
+    """Class permutation for a left-right mirror: index i -> the index of i's other-side twin.
+
+    ``names`` are the class names by class index. Returns ``(permutation, unpaired)``: unsided
+    classes map to themselves, each sided class to its twin; ``permutation`` is None when a sided
+    class has no twin among ``names`` (``unpaired`` lists those), since a mirrored crop would then
+    show that organ on a side it never has.
+    """
+    keys = [normalise_name(n) for n in names]
+    index = {k: i for i, k in enumerate(keys)}
+    permutation, unpaired = [], []
+    for i, key in enumerate(keys):
+        if not is_lateral(key):
+            permutation.append(i)
+            continue
+        twin = index.get(_swap_side(key))
+        if twin is None or twin == i:
+            unpaired.append(names[i])
+            permutation.append(i)
+        else:
+            permutation.append(twin)
+    return (None if unpaired else permutation), unpaired

@@ -9,8 +9,10 @@ of an iteration is a pure function of its number. That makes ``--resume`` contin
 very crops an uninterrupted run would have used, and lets each DDP process take its share of
 one global batch. Labeled and unlabeled crops come from two streams; a labeled crop is centred
 on a voxel of a random annotated organ with probability ``foreground`` (rare organs are seen as
-often as large ones), elsewhere uniformly. Each crop is mirrored along each of ``flip_axes``
-with probability 1/2 (the trainer leaves out the left-right axis when organs have a side).
+often as large ones), elsewhere uniformly. Each crop is then augmented as :class:`Augmentation`
+says, only in ways that give plausible anatomy: a left-right mirror that swaps paired organs
+(left parotid <-> right parotid), small rotations and scalings, and intensity scale, shift,
+gamma and noise. Plain flips along other axes are an option for data without a fixed orientation.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 from monai.data import set_track_meta
-from monai.transforms import Flip, SpatialPad
+from monai.transforms import Affine, Flip, SpatialPad
 
 from .imageio import atomic_path, read_image
 from .preprocessing import PreprocessingPlan, preprocess
@@ -149,6 +151,46 @@ class TrainingData:
         return {"fingerprint": fingerprint, "shape": list(array.shape), "background": float(array.min())}
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """How crops are augmented. Axes are array axes (z, y, x).
+
+    mirror_axis: the left-right axis, mirrored with probability 1/2; ``permutation`` (class index ->
+        its other-side twin) relabels the crop and its annotated / absent sets, so a mirrored left
+        parotid is labeled right. None: no left-right mirror.
+    flip_axes: other axes mirrored plainly with probability 1/2 each (data without a fixed
+        orientation; a flipped head-and-neck CT is anatomy that never occurs).
+    rotate, scale: largest rotation about each axis (radians) and relative zoom, applied together
+        with probability ``spatial_p``.
+    intensity_p: probability of each intensity change (scale, shift, gamma, noise); 0 turns them off.
+    """
+
+    mirror_axis: int | None = None
+    permutation: tuple[int, ...] | None = None
+    flip_axes: tuple[int, ...] = ()
+    rotate: float = 0.26  # 15 degrees
+    scale: float = 0.15
+    spatial_p: float = 0.3
+    intensity_p: float = 0.15
+
+    @classmethod
+    def none(cls) -> Augmentation:
+        return cls(rotate=0.0, scale=0.0, spatial_p=0.0, intensity_p=0.0)
+
+
+@dataclass(frozen=True)
+class Crop:
+    """One crop of an iteration's batch and everything random about it."""
+
+    stream: str  # "labeled" or "unlabeled"
+    index: int  # case index in its stream
+    start: tuple[int, int, int]  # (z, y, x)
+    flips: tuple[int, ...] = ()  # axes mirrored; the mirror axis here means paired classes swap too
+    rotation: tuple[float, float, float] | None = None  # radians; None: no spatial transform
+    zoom: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    intensity: dict = field(default_factory=dict)  # name -> parameter of each intensity change applied
+
+
 class CropSampler:
     """Draws the crops of each iteration (see the module docstring).
 
@@ -157,7 +199,7 @@ class CropSampler:
 
     def __init__(self, labeled: Sequence[PreparedCase], unlabeled: Sequence[PreparedCase], patch: Sequence[int],
                  labeled_batch: int, unlabeled_batch: int, foreground: float = 0.33, seed: int = 0,
-                 flip_axes: Sequence[int] = (0, 1, 2)):
+                 augmentation: Augmentation | None = None):
         if not labeled:
             raise ValueError("no labeled training case to sample from")
         self.labeled, self.unlabeled = list(labeled), list(unlabeled)
@@ -165,12 +207,15 @@ class CropSampler:
         self.labeled_batch = labeled_batch
         self.unlabeled_batch = unlabeled_batch if self.unlabeled else 0
         self.foreground, self.seed = foreground, seed
-        self.flip_axes = tuple(sorted(int(a) for a in flip_axes))
+        self.augmentation = augmentation if augmentation is not None else Augmentation.none()
+        if self.augmentation.mirror_axis is not None and self.augmentation.permutation is None:
+            raise ValueError("a left-right mirror needs the class permutation that swaps paired organs")
         self._pad = SpatialPad(self.patch, method="symmetric")
         set_track_meta(False)  # plain tensors out of MONAI's transforms
 
-    def plan(self, iteration: int) -> list[tuple[str, int, tuple[int, int, int], tuple[int, ...]]]:
-        """The global batch of ``iteration``: (stream, case index, crop start, flipped axes) per crop."""
+    def plan(self, iteration: int) -> list[Crop]:
+        """The global batch of ``iteration``: one :class:`Crop` per image, a pure function of
+        (seed, iteration)."""
         rng = np.random.default_rng([self.seed, iteration])
         crops = []
         for stream, cases, count in (("labeled", self.labeled, self.labeled_batch),
@@ -187,30 +232,60 @@ class CropSampler:
                     centre = [int(rng.integers(s)) for s in case.shape]
                 start = tuple(int(min(max(c - p // 2, 0), max(s - p, 0)))
                               for c, p, s in zip(centre, self.patch, case.shape))
-                flips = tuple(int(a) for a in np.flatnonzero(rng.random(3) < 0.5) if a in self.flip_axes)
-                crops.append((stream, index, start, flips))
+                crops.append(Crop(stream, index, start, *self._draw(rng)))
         return crops
+
+    def _draw(self, rng: np.random.Generator):
+        a = self.augmentation
+        coin = rng.random(3) < 0.5
+        flips = [ax for ax in a.flip_axes if coin[ax]]
+        if a.mirror_axis is not None and coin[a.mirror_axis]:
+            flips.append(a.mirror_axis)
+        rotation, zoom = None, (1.0, 1.0, 1.0)
+        if rng.random() < a.spatial_p:
+            rotation = tuple(float(v) for v in rng.uniform(-a.rotate, a.rotate, 3))
+            zoom = (float(rng.uniform(1 - a.scale, 1 + a.scale)),) * 3
+        intensity = {}
+        draws = rng.random(5)
+        if draws[0] < a.intensity_p:
+            intensity["scale"] = float(rng.uniform(0.75, 1.25))  # brightness, multiplicative
+        if draws[1] < a.intensity_p:
+            intensity["shift"] = float(rng.uniform(-0.1, 0.1))  # in units of the crop's SD
+        if draws[2] < a.intensity_p:
+            intensity["contrast"] = float(rng.uniform(0.75, 1.25))  # about the mean, within the range
+        if draws[3] < 2 * a.intensity_p:
+            intensity["gamma"] = float(rng.uniform(0.7, 1.5))
+        if draws[4] < a.intensity_p:
+            intensity["noise"] = float(rng.uniform(0.0, 0.1))  # SD, in units of the crop's SD
+            intensity["noise_seed"] = int(rng.integers(2**31))
+        return tuple(sorted(flips)), rotation, zoom, intensity
 
     def batch(self, iteration: int, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
         """This process's share of the global batch: images ``(b, 1, *patch)``, labels
         ``(b_l, *patch)`` long, annotated / absent ``(b_l, K)`` bool."""
         crops = self.plan(iteration)
-        labeled = [c for c in crops if c[0] == "labeled"]
-        unlabeled = [c for c in crops if c[0] == "unlabeled"]
+        labeled = [c for c in crops if c.stream == "labeled"]
+        unlabeled = [c for c in crops if c.stream == "unlabeled"]
         for count in (len(labeled), len(unlabeled)):
             if count % world:
                 raise ValueError(f"batch size {count} is not divisible by the {world} processes")
         share = lambda items: items[rank * len(items) // world:(rank + 1) * len(items) // world]
         images, labels, annotated, absent = [], [], [], []
-        for stream, index, start, flips in share(labeled) + share(unlabeled):
-            case = (self.labeled if stream == "labeled" else self.unlabeled)[index]
-            window = tuple(slice(s, s + p) for s, p in zip(start, self.patch))
-            image = self._augment(np.asarray(case.image()[window], dtype=np.float32)[None], flips, case.background)
-            images.append(image)
-            if stream == "labeled":
-                labels.append(self._augment(case.label(window)[None].astype(np.int64), flips, 0)[0])
-                annotated.append(torch.from_numpy(case.annotated))
-                absent.append(torch.from_numpy(case.absent))
+        for crop in share(labeled) + share(unlabeled):
+            case = (self.labeled if crop.stream == "labeled" else self.unlabeled)[crop.index]
+            window = tuple(slice(s, s + p) for s, p in zip(crop.start, self.patch))
+            image = self._spatial(np.asarray(case.image()[window], dtype=np.float32)[None], crop, case.background,
+                                  "bilinear")
+            images.append(_intensity(image, crop.intensity))
+            if crop.stream == "labeled":
+                label = self._spatial(case.label(window)[None].astype(np.float32), crop, 0, "nearest")[0].long()
+                known, gone = torch.from_numpy(case.annotated), torch.from_numpy(case.absent)
+                if self.augmentation.mirror_axis in crop.flips:  # the left organ is now on the right
+                    swap = torch.tensor(self.augmentation.permutation)
+                    label, known, gone = swap[label], known[swap], gone[swap]
+                labels.append(label.contiguous())
+                annotated.append(known)
+                absent.append(gone)
         k = len(self.labeled[0].annotated)
         return {
             "image": torch.stack(images),
@@ -219,13 +294,39 @@ class CropSampler:
             "absent": torch.stack(absent) if absent else torch.zeros((0, k), dtype=torch.bool),
         }
 
-    def _augment(self, array: np.ndarray, flips: tuple[int, ...], pad_value: float) -> torch.Tensor:
+    def _spatial(self, array: np.ndarray, crop: Crop, pad_value: float, mode: str) -> torch.Tensor:
+        """Pad to the patch, mirror, then rotate and zoom about the crop's centre; ``(1, *patch)``."""
         tensor = torch.from_numpy(np.array(array, copy=True))  # memory-mapped slices are read-only
         if tuple(tensor.shape[1:]) != self.patch:
             tensor = self._pad(tensor, value=pad_value)
-        if flips:
-            tensor = Flip(spatial_axis=list(flips))(tensor)
+        if crop.flips:
+            tensor = Flip(spatial_axis=list(crop.flips))(tensor)
+        if crop.rotation is not None:
+            tensor = Affine(rotate_params=crop.rotation, scale_params=crop.zoom, padding_mode="border",
+                            mode=mode, image_only=True)(tensor)
         return torch.as_tensor(tensor).contiguous()
+
+
+def _intensity(image: torch.Tensor, changes: dict) -> torch.Tensor:
+    """The intensity changes a :class:`Crop` drew, in a fixed order, on a ``(1, *patch)`` image."""
+    if not changes:
+        return image
+    sd = float(image.std()) or 1.0
+    if "scale" in changes:
+        image = image * changes["scale"]
+    if "shift" in changes:
+        image = image + changes["shift"] * sd
+    if "contrast" in changes:
+        mean = image.mean()
+        image = ((image - mean) * changes["contrast"] + mean).clamp(float(image.min()), float(image.max()))
+    if "gamma" in changes:
+        lo, hi = float(image.min()), float(image.max())
+        if hi > lo:
+            image = ((image - lo) / (hi - lo)) ** changes["gamma"] * (hi - lo) + lo
+    if "noise" in changes:
+        generator = torch.Generator().manual_seed(changes["noise_seed"])
+        image = image + torch.randn(image.shape, generator=generator) * (changes["noise"] * sd)
+    return image.contiguous()
 
 
 class IterationBatches(torch.utils.data.Dataset):

@@ -139,6 +139,29 @@ def test_planning_follows_the_data_not_the_paper_defaults():
     assert mri.clip is None and mri.normalisation == "zscore"
 
 
+@pytest.mark.shared_data
+def test_planned_ct_window_keeps_soft_tissue_contrast_on_head_and_neck_ct():
+    """The soft-tissue organs (brainstem, cord, parotids) must fill a useful share of the input
+    range, not 9% of it as a window stretched to the mandible's bone did; the mandible (bone)
+    still comes out the brightest organ."""
+    root = shared_set("openkbp-hn-ct")
+    names = [root / "imagesTr" / f"{c}.nii.gz" for c in ("openkbp_pt_20", "openkbp_pt_45", "openkbp_pt_195")]
+    images = [read_image(p) for p in names]
+    labels = [read_label_map(root / "labelsTr" / p.name).image for p in names]
+    plan = plan_from_dataset(images, labels, modality="CT")
+    inputs = {k: [] for k in (1, 2, 3, 4, 7)}
+    for image, label in zip(images, labels):
+        out = preprocess(image, plan, label)
+        values, classes = sitk.GetArrayViewFromImage(out.image), sitk.GetArrayViewFromImage(out.label)
+        for k in inputs:
+            inputs[k].append(values[classes == k])
+    soft = np.concatenate([np.concatenate(inputs[k]) for k in (1, 2, 3, 4)])
+    low, high = np.percentile(soft, [5, 95])
+    assert high - low > 0.25, (plan.clip, low, high)
+    mandible = np.median(np.concatenate(inputs[7]))
+    assert mandible > max(np.median(np.concatenate(inputs[k])) for k in (1, 2, 3, 4)) + 0.2
+
+
 def test_planning_keeps_thick_slices_thick():
     thin = [oblique_case(spacing=(0.8, 0.8, s), angles=(0, 0, 0))[0] for s in (5.0, 5.0, 6.0, 1.0, 1.2)]
     plan = plan_from_dataset(thin, modality="CT")

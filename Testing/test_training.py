@@ -261,35 +261,99 @@ def test_config_typo_is_refused_by_the_command(tmp_path):
 # crops and mirroring
 
 
-def test_crops_are_a_function_of_the_iteration_and_never_mirror_left_and_right(tmp_path):
-    """A left kidney stays on the left of every crop once the trainer has seen a sided name;
-    without sided names all three axes are mirrored."""
-    from GuidedSegLib.preprocessing import PreprocessingPlan
-    from GuidedSegLib.progress import Reporter
-    from GuidedSegLib.training_data import CropSampler, PreparedCase
-    from Training.trainer import _flip_axes
+def _sided_case(tmp_path):
+    """A 16^3 case whose left half (x >= 8 in LPI) holds a left organ (class 2) and whose right
+    half is bright; class 1 is an unsided organ in the middle, class 3 its twin's right side."""
+    from GuidedSegLib.training_data import PreparedCase
 
     image = np.zeros((16, 16, 16), np.float32)
     image[:, :, :8] = 1.0  # the patient's right half (x < 8 in LPI) is bright
     label = np.zeros((16, 16, 16), np.uint8)
-    label[4:12, 4:12, 10:14] = 1  # an organ on the left
+    label[6:10, 6:10, 6:10] = 1
+    label[4:12, 4:12, 10:14] = 2  # the left kidney
+    label[4:12, 4:12, 2:5] = 3  # the right kidney
     np.save(tmp_path / "i.npy", image)
     np.save(tmp_path / "l.npy", label)
-    case = PreparedCase("c", tmp_path / "i.npy", tmp_path / "l.npy", (16, 16, 16), 0.0, np.ones(2, bool),
-                        np.zeros(2, bool), {1: np.argwhere(label == 1).astype(np.int32)})
-    sided = CaseStore.create(tmp_path / "sided", {1: "kidney_left"})
-    plain = CaseStore.create(tmp_path / "plain", {1: "liver"})
+    annotated = np.array([True, True, True, False])  # the right kidney is not annotated in this case
+    absent = np.array([False, False, False, False])
+    locations = {k: np.argwhere(label == k).astype(np.int32) for k in (1, 2)}
+    return PreparedCase("c", tmp_path / "i.npy", tmp_path / "l.npy", (16, 16, 16), 0.0, annotated, absent, locations)
+
+
+def test_left_right_mirror_swaps_paired_labels_and_nothing_else(tmp_path):
+    """A mirrored crop is the same anatomy seen in a mirror: the left kidney becomes the right
+    kidney (and its annotated flag moves with it), the unsided organ keeps its label, and no
+    crop is flipped head-to-foot or front-to-back by default."""
+    from GuidedSegLib.preprocessing import PreprocessingPlan
+    from GuidedSegLib.progress import Reporter
+    from GuidedSegLib.training_data import CropSampler
+    from Training.trainer import _augmentation
+
+    case = _sided_case(tmp_path)
+    store = CaseStore.create(tmp_path / "sided", {1: "liver", 2: "kidney_left", 3: "kidney_right"})
     quiet = Reporter("none")
     lpi = PreprocessingPlan(orientation="LPI")
-    assert _flip_axes(sided, [0, 1], lpi, quiet, 0) == (0, 1)  # LPI: x, the last array axis, is left-right
-    assert _flip_axes(sided, [0, 1], PreprocessingPlan(orientation="PIL"), quiet, 0) == (1, 2)
-    assert _flip_axes(plain, [0, 1], lpi, quiet, 0) == (0, 1, 2)
+    config = load_config(None, ["data.augment=false"])
+    augmentation = _augmentation(config, store, [0, 1, 2, 3], lpi, quiet, 0)
+    assert augmentation.mirror_axis == 2 and augmentation.permutation == (0, 1, 3, 2) and augmentation.flip_axes == ()
+    assert _augmentation(config, store, [0, 1, 2, 3], PreprocessingPlan(orientation="PIL"), quiet, 0).mirror_axis == 0
+    lonely = CaseStore.create(tmp_path / "lonely", {1: "liver", 2: "kidney_left"})
+    assert _augmentation(config, lonely, [0, 1, 2], lpi, quiet, 0).mirror_axis is None  # no twin: no mirror
 
-    sampler = CropSampler([case], [], (16, 16, 16), 2, 0, foreground=1.0, seed=3, flip_axes=(0, 1))
-    for iteration in range(40):
+    sampler = CropSampler([case], [], (16, 16, 16), 2, 0, foreground=1.0, seed=3, augmentation=augmentation)
+    original = torch.from_numpy(np.load(tmp_path / "l.npy").astype(np.int64))
+    original[original == 3] = 0  # the unannotated right kidney reads as background (unknown)
+    mirrored_seen = plain_seen = 0
+    for iteration in range(30):
         batch = sampler.batch(iteration)
         assert torch.equal(batch["image"], sampler.batch(iteration)["image"])  # pure function of the iteration
-        assert batch["labels"][:, :, :, 10:14].sum() == batch["labels"].sum() > 0
-        assert (batch["image"][:, 0, :, :, :8] == 1).all() and (batch["image"][:, 0, :, :, 8:] == 0).all()
-    mirrored = CropSampler([case], [], (16, 16, 16), 2, 0, foreground=1.0, seed=3)
-    assert any(2 in flips for it in range(40) for _, _, _, flips in mirrored.plan(it))
+        for crop, image, label, annotated in zip(sampler.plan(iteration), batch["image"], batch["labels"],
+                                                  batch["annotated"]):
+            assert crop.flips in ((), (2,))
+            if crop.flips:
+                mirrored_seen += 1
+                expected = torch.tensor([0, 1, 3, 2])[original.flip(-1)]
+                assert torch.equal(label, expected)
+                assert (image[0, :, :, 8:] == 1).all() and (image[0, :, :, :8] == 0).all()
+                assert annotated.tolist() == [True, True, False, True]  # the flag followed the kidney
+            else:
+                plain_seen += 1
+                assert torch.equal(label, original) and annotated.tolist() == [True, True, True, False]
+    assert mirrored_seen and plain_seen
+
+    everything = _augmentation(load_config(None, ["data.augment=false", "data.mirror=all"]), store, [0, 1, 2, 3],
+                               lpi, quiet, 0)
+    assert everything.flip_axes == (0, 1) and everything.mirror_axis == 2
+    never = _augmentation(load_config(None, ["data.mirror=none"]), store, [0, 1, 2, 3], lpi, quiet, 0)
+    assert never.mirror_axis is None and never.flip_axes == ()
+
+
+def test_spatial_and_intensity_augmentation_keep_labels_on_their_anatomy(tmp_path):
+    """Rotated and zoomed crops move image and label together (the bright half stays labeled
+    where it is bright), labels stay integer classes, and intensity changes leave labels alone."""
+    from GuidedSegLib.training_data import Augmentation, CropSampler, PreparedCase
+
+    image = np.zeros((24, 24, 24), np.float32)
+    label = np.zeros((24, 24, 24), np.uint8)
+    image[6:18, 6:18, 6:18] = 1.0
+    label[6:18, 6:18, 6:18] = 1
+    np.save(tmp_path / "i.npy", image)
+    np.save(tmp_path / "l.npy", label)
+    case = PreparedCase("c", tmp_path / "i.npy", tmp_path / "l.npy", (24, 24, 24), 0.0, np.ones(2, bool),
+                        np.zeros(2, bool), {1: np.argwhere(label == 1).astype(np.int32)})
+    sampler = CropSampler([case], [], (24, 24, 24), 1, 0, foreground=0.0, seed=0,
+                          augmentation=Augmentation(spatial_p=1.0, intensity_p=0.0))
+    for iteration in range(5):
+        crop = sampler.plan(iteration)[0]
+        assert crop.rotation is not None
+        batch = sampler.batch(iteration)
+        labels, img = batch["labels"][0], batch["image"][0, 0]
+        assert set(labels.unique().tolist()) <= {0, 1}
+        inside = img[labels == 1]
+        assert inside.mean() > 0.9 and img[labels == 0].mean() < 0.1
+        assert not torch.equal(labels, torch.from_numpy(label.astype(np.int64)))  # it did move
+    bright = CropSampler([case], [], (24, 24, 24), 1, 0, foreground=0.0, seed=0,
+                         augmentation=Augmentation(spatial_p=0.0, intensity_p=1.0))
+    batch = bright.batch(0)
+    assert torch.equal(batch["labels"][0], torch.from_numpy(label.astype(np.int64)))
+    assert not torch.equal(batch["image"][0, 0], torch.from_numpy(image))

@@ -42,6 +42,8 @@ class DataConfig:
     unlabeled_batch: int = 2
     foreground: float = 0.33  # share of labeled crops centred on an annotated organ
     partial_labels: bool = True  # unannotated organs are unknown (False: plain, read as background)
+    mirror: str = "left-right"  # "left-right" (paired organs swapped), "all" (also flip z and y), "none"
+    augment: bool = True  # small rotations and zooms, intensity scale / shift / gamma / noise
     cache: str | None = None  # preprocessed-data cache (default: <output>/cache)
     workers: int = 0  # DataLoader processes
 
@@ -154,6 +156,8 @@ def check(config: TrainConfig) -> None:
         raise ConfigError(f"data.labeled_batch {d.labeled_batch} must be at least 1")
     if d.unlabeled_batch < 0:
         raise ConfigError(f"data.unlabeled_batch {d.unlabeled_batch} must not be negative")
+    if d.mirror not in ("left-right", "all", "none"):
+        raise ConfigError(f"data.mirror {d.mirror!r} must be left-right, all or none")
     if not 0 <= d.foreground <= 1:
         raise ConfigError(f"data.foreground {d.foreground} must be in [0, 1]")
     if o.iterations < 1 or o.lr <= 0:

@@ -32,13 +32,13 @@ from GuidedSegLib.bundle import write_bundle
 from GuidedSegLib.devices import DeviceError, resolve_device
 from GuidedSegLib.errors import GuidedSegError
 from GuidedSegLib.imageio import atomic_path
-from GuidedSegLib.labels import is_lateral, label_colour
+from GuidedSegLib.labels import label_colour, mirror_permutation
 from GuidedSegLib.methods import Batch, build_method
 from GuidedSegLib.metrics import per_class_dice, summarise
 from GuidedSegLib.preprocessing import PRESETS, PreprocessingPlan, plan_from_dataset
 from GuidedSegLib.progress import Reporter as ProgressReporter
 from GuidedSegLib.store import CaseStore
-from GuidedSegLib.training_data import CropSampler, IterationBatches, TrainingData
+from GuidedSegLib.training_data import Augmentation, CropSampler, IterationBatches, TrainingData
 
 from .config import ConfigError, TrainConfig
 
@@ -168,9 +168,9 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     divisor = method.networks["A"].divisor
     patch = _patch(config, prepared["train"], plan, divisor)
     unlabeled_batch = 0 if method_name == "supervised" else config.data.unlabeled_batch
-    flip_axes = _flip_axes(store, class_values, plan, report, rank)
+    augmentation = _augmentation(config, store, class_values, plan, report, rank)
     sampler = CropSampler(prepared["train"], prepared["unlabeled"], patch, config.data.labeled_batch,
-                          unlabeled_batch, config.data.foreground, config.seed, flip_axes)
+                          unlabeled_batch, config.data.foreground, config.seed, augmentation)
     for count, what in ((config.data.labeled_batch, "labeled_batch"), (sampler.unlabeled_batch, "unlabeled_batch")):
         if count % world:
             raise ConfigError(f"data.{what} {count} must be divisible by the {world} processes")
@@ -416,16 +416,28 @@ def _classes(store, labeled_ids, output: Path, resume: bool, report: Reporter, r
     return values
 
 
-def _flip_axes(store, class_values, plan: PreprocessingPlan, report: Reporter, rank: int) -> tuple[int, ...]:
-    """Array axes (z, y, x) that crops may be mirrored along: all three, except the left-right
-    axis when an organ's name gives its side (a mirrored left parotid would be labeled right)."""
-    lateral = [store.labels[v] for v in class_values if v and is_lateral(store.labels[v])]
-    if not lateral:
-        return (0, 1, 2)
+def _augmentation(config: TrainConfig, store, class_values, plan: PreprocessingPlan, report: Reporter,
+                  rank: int) -> Augmentation:
+    """The crops' augmentation from ``data.mirror`` and ``data.augment``.
+
+    "left-right" (default) mirrors across the patient's midline with paired organs swapped; it is
+    left out, with a message, when a sided organ has no twin among the classes. "all" also flips
+    the other two axes plainly (for data without a fixed orientation); "none" never mirrors.
+    """
+    mode = config.data.mirror
+    base = Augmentation() if config.data.augment else Augmentation.none()
+    if mode == "none":
+        return base
+    names = [store.labels[v] for v in class_values]
+    permutation, unpaired = mirror_permutation(names)
     left_right = 2 - next(i for i, letter in enumerate(plan.orientation.upper()) if letter in "LR")
-    if rank == 0:
-        report.message(f"no left-right mirroring: {', '.join(lateral)} have a side")
-    return tuple(a for a in (0, 1, 2) if a != left_right)
+    others = tuple(a for a in (0, 1, 2) if a != left_right) if mode == "all" else ()
+    if permutation is None:
+        if rank == 0:
+            report.message(f"no left-right mirroring: {', '.join(unpaired)} {'has' if len(unpaired) == 1 else 'have'} "
+                           "a side but no other-side twin among the trained organs")
+        return dataclasses.replace(base, flip_axes=others)
+    return dataclasses.replace(base, mirror_axis=left_right, permutation=tuple(permutation), flip_axes=others)
 
 
 def _patch(config: TrainConfig, cases, plan: PreprocessingPlan, divisor: int) -> tuple[int, int, int]:
