@@ -172,6 +172,8 @@ def describe_bundle(folder: str | os.PathLike) -> str:
                      f"cases of store {training.get('store_name', '?')}; {training.get('iterations', '?')} iterations "
                      f"(best {training.get('best_iteration', '?')}); {training.get('seconds_per_iteration', '?')} s/it, "
                      f"peak memory {training.get('peak_memory_mb', '?')} MB")
+        if training.get("selection"):
+            lines.append(f"weights    {training['selection']}")
     if metadata.get("parent"):
         lines.append(f"parent     {metadata['parent']}")
     validation = metadata.get("validation") or {}

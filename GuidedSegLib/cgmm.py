@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from .distributed import all_sum, all_sum_differentiable, global_mean
@@ -24,19 +25,23 @@ from .losses import soft_dice_ce
 
 @dataclass
 class CGMMParameters:
-    """mean ``(K, C)``, var ``(K, C)``, log_mixing ``(K,)``, present ``(K,)`` bool."""
+    """mean ``(K, C)``, var ``(K, C)``, log_mixing ``(K,)``, present ``(K,)`` bool, counts ``(K,)``
+    (the labeled voxels each class was fitted on)."""
 
     mean: torch.Tensor
     var: torch.Tensor
     log_mixing: torch.Tensor
     present: torch.Tensor
+    counts: torch.Tensor | None = None
 
 
 def fit(features: torch.Tensor, labels: torch.Tensor, probabilities: torch.Tensor, mask: torch.Tensor | None,
-        num_classes: int, var_floor: float = 1e-4, mixing: str = "uniform") -> CGMMParameters:
+        num_classes: int, var_floor: float = 1e-4, mixing: str = "uniform", tied: bool = False) -> CGMMParameters:
     """Class means (Eq. 3), prediction-weighted diagonal variances (Eq. 4) and mixing coefficients,
     pooled over every labeled crop (of every process under DDP), from voxels where ``mask``
-    (``None``: every voxel).
+    (``None``: every voxel). ``tied``: one variance per channel shared by every class (the
+    classes' variances averaged with their prediction weights); per-class variances let a tight
+    class claim far-away voxels with near-certainty.
 
     Gradients flow into the features through mean and variance; ``probabilities`` are weights
     and are used detached.
@@ -54,14 +59,61 @@ def fit(features: torch.Tensor, labels: torch.Tensor, probabilities: torch.Tenso
     mean = all_sum_differentiable(one_hot.T @ f) / counts.clamp_min(1).unsqueeze(1)  # (K, C)
     weight = all_sum(p.sum(0))  # (K,)
     spread = torch.stack([p[:, k] @ (f - mean[k]).square() for k in range(num_classes)])  # (K, C)
-    var = all_sum_differentiable(spread) / weight.clamp_min(1e-8).unsqueeze(1) + var_floor
+    if tied:
+        var = (all_sum_differentiable(spread).sum(0) / weight.sum().clamp_min(1e-8) + var_floor).expand(num_classes, -1)
+    else:
+        var = all_sum_differentiable(spread) / weight.clamp_min(1e-8).unsqueeze(1) + var_floor
     if mixing == "uniform":
         log_mixing = torch.full((num_classes,), -math.log(num_classes), device=f.device)
     elif mixing == "frequency":
         log_mixing = torch.log(counts.clamp_min(1) / counts.sum().clamp_min(1))
     else:
         raise ValueError(f"unknown CGMM mixing {mixing!r}: use 'uniform' or 'frequency'")
-    return CGMMParameters(mean, var, log_mixing, present)
+    return CGMMParameters(mean, var, log_mixing, present, counts)
+
+
+class MixtureMemory(nn.Module):
+    """Moving averages of one network's mixture statistics across steps (buffers, saved with the
+    model, so ``--resume`` keeps them).
+
+    A class missing from a step's labeled crops keeps its last component instead of dropping out
+    of the posterior (G' = 0 for it on every unlabeled voxel, which the soft targets then teach).
+    The step's own statistics enter with weight ``1 - momentum`` and carry the gradient; the
+    memory is detached. Mixing coefficients come from the averaged class frequencies.
+    """
+
+    def __init__(self, num_classes: int, channels: int, momentum: float = 0.9):
+        super().__init__()
+        if not 0 <= momentum < 1:
+            raise ValueError(f"mixture momentum {momentum} must be in [0, 1)")
+        self.momentum = float(momentum)
+        self.register_buffer("mean", torch.zeros(num_classes, channels))
+        self.register_buffer("var", torch.ones(num_classes, channels))
+        self.register_buffer("share", torch.zeros(num_classes))
+        self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
+
+    def blend(self, params: CGMMParameters, mixing: str = "frequency", update: bool = True) -> CGMMParameters:
+        m = self.momentum
+        now = params.present
+        old = self.seen
+        both = (now & old).unsqueeze(1)
+        mean = torch.where(both, m * self.mean + (1 - m) * params.mean, torch.where(now.unsqueeze(1), params.mean, self.mean))
+        var = torch.where(both, m * self.var + (1 - m) * params.var, torch.where(now.unsqueeze(1), params.var, self.var))
+        share_now = params.counts.float() / params.counts.sum().clamp_min(1)
+        share = torch.where(old, m * self.share + (1 - m) * share_now, share_now)
+        share = torch.where(now | old, share, torch.zeros_like(share))
+        present = now | old
+        if update:
+            with torch.no_grad():
+                self.mean.copy_(mean.detach())
+                self.var.copy_(var.detach())
+                self.share.copy_(share)
+                self.seen.copy_(present)
+        if mixing == "frequency":
+            log_mixing = torch.log((share / share.sum().clamp_min(1e-12)).clamp_min(1e-8))
+        else:
+            log_mixing = params.log_mixing
+        return CGMMParameters(mean, var, log_mixing, present, params.counts)
 
 
 def log_posterior(features: torch.Tensor, params: CGMMParameters) -> torch.Tensor:
@@ -127,3 +179,14 @@ def loss_rectify(logits: torch.Tensor, g: torch.Tensor, mask: torch.Tensor, hard
     """L_rectify term L_s(p, G'): 1/2 (soft Dice + CE) with G' as target (Eq. 13), detached
     unless ``detach`` is False (the authors' code)."""
     return soft_dice_ce(logits, g.detach() if detach else g, mask, hard=hard)
+
+
+def loss_rectify_agreed(logits: torch.Tensor, g: torch.Tensor, other: torch.Tensor, mask: torch.Tensor,
+                        present: torch.Tensor) -> torch.Tensor:
+    """L_rectify with G' as a gate rather than a teacher: CE towards arg-max G' only on masked
+    voxels where that class is the other network's pseudo-label too and a class the labeled crops
+    (or the memory) hold. ``other`` ``(B, *spatial)`` long."""
+    target = g.detach().argmax(1)
+    agreed = mask.bool() & (target == other) & present[target]
+    nll = F.cross_entropy(logits.float(), target, reduction="none")
+    return global_mean((nll * agreed).sum(), agreed.sum())

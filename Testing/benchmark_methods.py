@@ -15,14 +15,25 @@ training step and peak memory, as a Markdown table like the GuidedNet paper's Ta
     python Testing/benchmark_methods.py --work runs/bench --jobs 2 --threads 1 \\
         optim.optimizer=adamw optim.lr=0.003 optim.iterations=250 validation.every=50
 
+    # issue 18: left atrium MRI, 3 named labeled cases, the other training cases unlabeled
+    python Testing/benchmark_methods.py --work runs/la10 --dataset ../shared/data/la-mri \
+        --labeled-cases la_23X6SY44VT9KFHR7S7OC,la_57SGAJMLCTCH92QUA0EE,la_Q0MEX9ZIKAGJORSPLQ3Y \
+        --methods supervised,cps,guidednet,guidednet-paper --csv Testing/results/semisup.csv --plot curves.png
+
 Finished runs (``<work>/<method>-seed<N>/bundle``) are skipped and interrupted ones resumed, so
 the same command continues a stopped benchmark; ``--no-train`` reports only what has finished.
-Extra ``section.key=value`` arguments go to every training run.
+Extra ``section.key=value`` arguments go to every training run. A derived store keeps the
+references of its unlabeled cases in ``referencesUnlabeled/`` (training never reads them): each
+run scores up to 4 of them at every validation (``validation.monitor``) for the curves that
+``--plot`` draws, since with few labeled cases every labeled case trains and none validates.
+``--csv`` (re)writes this benchmark's per-case rows (``dataset,labeled,method,seed,case,organ,
+dice,jaccard``) into the file, keeping the rows of other data sets and label counts.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import os
@@ -73,36 +84,53 @@ def resample(image: sitk.Image, label: sitk.Image | None, spacing) -> tuple[sitk
     return coarse, out
 
 
-def openkbp_store(source: Path, target: Path, fraction: float, spacing=None) -> Path:
-    """A store from a Decathlon set with ``fraction`` of its training cases labeled (chosen by a
-    hash of the case id), the others as unlabeled images, and its test cases as test.
+def derived_store(source: Path, target: Path, fraction: float, spacing=None, labeled_ids=None) -> Path:
+    """A store from a Decathlon set with ``labeled_ids`` labeled (default: ``fraction`` of its
+    training cases, chosen by a hash of the case id), the others as unlabeled images (their
+    references in ``referencesUnlabeled/``), and its test cases as test.
     ``spacing`` (x, y, z) mm: resample every case onto that coarser grid first (CPU budgets)."""
     if (target / "dataset.json").exists():
         return target
     src = CaseStore(source)
     suffix = f"-{'x'.join(f'{s:g}' for s in spacing)}mm" if spacing else ""
-    store = CaseStore.create(target, src.labels, name=f"{src.name}-{int(fraction * 100)}pct{suffix}", modality=src.modality)
     cases = sorted(src.cases("labeled"), key=lambda c: hashlib.sha1(c.case_id.encode()).hexdigest())
-    n_labeled = max(2, round(fraction * len(cases)))
+    if labeled_ids:
+        unknown = sorted(set(labeled_ids) - {c.case_id for c in cases})
+        if unknown:
+            raise SystemExit(f"{source}: no labeled training case {', '.join(unknown)}")
+        cases = [c for c in cases if c.case_id in labeled_ids] + [c for c in cases if c.case_id not in labeled_ids]
+        n_labeled = len(labeled_ids)
+    else:
+        n_labeled = max(2, round(fraction * len(cases)))
+    partial = target.with_name(f".partial-{target.name}")
+    import shutil
+
+    shutil.rmtree(partial, ignore_errors=True)
+    store = CaseStore.create(partial, src.labels, name=f"{src.name}-{n_labeled}labeled{suffix}", modality=src.modality)
 
     def files(case, with_label=True):
         if not spacing:
             return case.image, (case.label if with_label else None)
         return resample(read_image(case.image), read_image(case.label) if with_label else None, spacing)
 
+    (partial / "referencesUnlabeled").mkdir()
     for index, case in enumerate(cases):
+        image, label = files(case)
         if index < n_labeled:
-            image, label = files(case)
             store.add_labeled(image, label, case.case_id, annotated=src.annotated_labels(case), source=str(source))
         else:
-            store.add_unlabeled(files(case, False)[0], case.case_id, source=str(source))
+            store.add_unlabeled(image, case.case_id, source=str(source))
+            sitk.WriteImage(read_image(label) if isinstance(label, Path) else label,
+                            str(partial / "referencesUnlabeled" / f"{case.case_id}.nii.gz"), True)
     for case in src.cases("test"):
         image, label = files(case)
         store.add_test(image, label, case.case_id)
+    os.replace(partial, target)
     return target
 
 
 def phantom_store(target: Path) -> Path:
+    """Issue 3's coarse phantom store: 4 labeled, 20 unlabeled (references in ``phantomTruth/``), 6 test."""
     if not (target / "dataset.json").exists():
         from GuidedSegLib.phantoms import write_phantom_store
 
@@ -110,26 +138,83 @@ def phantom_store(target: Path) -> Path:
     return target
 
 
-def evaluate(bundle: Path, store: CaseStore) -> dict[int, list[tuple[float, float]]]:
-    """organ value -> [(Dice, Jaccard) per test case where it is annotated]."""
+def evaluate(bundle: Path, store: CaseStore) -> dict[int, list[tuple[float, float, str]]]:
+    """organ value -> [(Dice, Jaccard, case id) per test case where it is annotated]."""
     predictor = Predictor(bundle)
-    scores: dict[int, list[tuple[float, float]]] = {}
+    scores: dict[int, list[tuple[float, float, str]]] = {}
     for case in store.cases("test"):
         prediction = sitk.GetArrayFromImage(predictor.segment(read_image(case.image)))
         reference = sitk.GetArrayFromImage(read_image(case.label))
         for value in store.annotated_labels(case):
             p, r = prediction == value, reference == value
             if r.any():
-                scores.setdefault(value, []).append((dice(p, r), jaccard(p, r)))
+                scores.setdefault(value, []).append((dice(p, r), jaccard(p, r), case.case_id))
     return scores
+
+
+def write_rows(path: Path, dataset: str, labeled: int, results, store: CaseStore) -> None:
+    """Replace this (dataset, labeled) block of ``path`` with the per-case rows of ``results``."""
+    columns = ["dataset", "labeled", "method", "seed", "case", "organ", "dice", "jaccard"]
+    kept = []
+    if path.exists():
+        with open(path, newline="") as handle:
+            kept = [r for r in csv.DictReader(handle) if (r["dataset"], r["labeled"]) != (dataset, str(labeled))]
+    rows = [{"dataset": dataset, "labeled": labeled, "method": method, "seed": seed, "case": case,
+             "organ": store.labels[organ], "dice": f"{d:.6f}", "jaccard": f"{j:.6f}"}
+            for (method, seed), (scores, _) in results.items() for organ, values in sorted(scores.items())
+            for d, j, case in values]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(kept + rows)
+    os.replace(tmp, path)
+
+
+def plot_curves(path: Path, work: Path, runs, title: str) -> None:
+    """Validation (or monitor) mean Dice against iteration for every run, one panel per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(m for m, _ in runs))
+    figure, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.2), sharey=True, squeeze=False)
+    for axis, method in zip(axes[0], methods):
+        for m, seed in runs:
+            if m != method:
+                continue
+            for name, style in (("validation.csv", "-"), ("monitor_validation.csv", "--")):
+                file = run_folder(work, m, seed) / name
+                if file.exists():
+                    with open(file, newline="") as handle:
+                        rows = list(csv.DictReader(handle))
+                    if rows:
+                        axis.plot([int(r["iteration"]) for r in rows], [float(r["mean_dice"]) for r in rows], style,
+                                  label=f"seed {seed} ({'validation' if name == 'validation.csv' else 'monitor'})")
+        axis.set_title(method)
+        axis.set_xlabel("iteration")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    axes[0][0].set_ylabel("mean Dice")
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--openkbp", type=Path, help="a Decathlon set to derive the store from")
+    parser.add_argument("--dataset", "--openkbp", dest="dataset", type=Path,
+                        help="a Decathlon set to derive the store from (default: coarse phantoms)")
     parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--labeled-cases", help="comma-separated case ids to label (instead of --fraction)")
+    parser.add_argument("--csv", type=Path, help="per-case rows of every finished run go into this file")
+    parser.add_argument("--plot", type=Path, help="PNG of validation / monitor Dice against iteration per run")
     parser.add_argument("--spacing", help="x,y,z mm: resample the derived store onto this coarser grid")
     parser.add_argument("--methods", default="supervised,cps,guidednet")
     parser.add_argument("--seeds", default="0,1,2")
@@ -140,19 +225,24 @@ def main() -> int:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     spacing = tuple(float(v) for v in args.spacing.split(",")) if args.spacing else None
-    root = (openkbp_store(args.openkbp, args.work / "store", args.fraction, spacing) if args.openkbp
+    labeled_ids = args.labeled_cases.split(",") if args.labeled_cases else None
+    root = (derived_store(args.dataset, args.work / "store", args.fraction, spacing, labeled_ids) if args.dataset
             else phantom_store(args.work / "store"))
     store = CaseStore(root)
+    dataset = args.dataset.resolve().name if args.dataset else "phantoms"
+    truth = "referencesUnlabeled" if args.dataset else "phantomTruth"
     env = dict(os.environ)
     if args.threads:
         for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[key] = str(args.threads)
         torch.set_num_threads(args.threads)
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
+    from GuidedSegLib.methods import METHODS
+
     for method in methods:
-        if method.split(":")[0] not in ("supervised", "cps", "guidednet") or method.count(":") > 1 or \
+        if method.split(":")[0] not in METHODS or method.count(":") > 1 or \
                 (":" in method and not method.endswith(":plain")):
-            parser.error(f"--methods: {method!r} is not supervised, cps or guidednet, optionally with ':plain'")
+            parser.error(f"--methods: {method!r} is not one of {', '.join(METHODS)}, optionally with ':plain'")
     # Seed by seed, so that whatever finishes first is a set of complete comparisons.
     runs = [(m, s) for s in seeds for m in methods]
     pending = [] if args.no_train else [
@@ -167,7 +257,7 @@ def main() -> int:
             plain = ["data.partial_labels=false"] if method.endswith(":plain") else []
             command = [sys.executable, str(ROOT / "Training" / "train.py"), "--store", str(root), "--output",
                        str(out), "--method", method.split(":")[0], "--seed", str(seed), "--progress", "none",
-                       f"data.cache={args.work / 'cache'}", *args.overrides, *plain]
+                       f"data.cache={args.work / 'cache'}", f"validation.monitor={truth}", *args.overrides, *plain]
             if (out / "checkpoint.pt").exists():
                 command.append("--resume")
             log = open(out / "train.log", "a")
@@ -191,7 +281,7 @@ def main() -> int:
         if not (out / "bundle" / "model.json").exists():
             continue
         model = json.loads((out / "bundle" / "model.json").read_text())
-        cached = out / "test-scores.json"
+        cached = out / "test-scores-by-case.json"
         if cached.exists():
             scores = {int(k): [tuple(x) for x in v] for k, v in json.loads(cached.read_text()).items()}
         else:
@@ -201,6 +291,10 @@ def main() -> int:
     if not results:
         print("no finished run to report", flush=True)
         return 1
+    if args.csv:
+        write_rows(args.csv, dataset, len(store.cases("labeled")), results, store)
+    if args.plot:
+        plot_curves(args.plot, args.work, list(results), f"{dataset}, {len(store.cases('labeled'))} labeled")
     table = report(results, store)
     if failed:
         table += "\n\nfailed: " + ", ".join(f"{m} seed {s}" for m, s in failed)
@@ -230,13 +324,15 @@ def report(results, store: CaseStore) -> str:
         n = max(len(results[key][0].get(organ, [])) for key in results)
         for m in methods:
             keys = [key for key in results if key[0] == m and organ in results[key][0]]
-            values = (results[keys[0]][0][organ] if one_seed else [np.mean(results[k][0][organ], axis=0) for k in keys])
+            values = ([v[:2] for v in results[keys[0]][0][organ]] if one_seed else
+                      [np.mean([v[:2] for v in results[k][0][organ]], axis=0) for k in keys])
             d, j = np.array(values).T * 100
             cells.append(f"{d.mean():.1f} ± {d.std():.1f} | {j.mean():.1f} ± {j.std():.1f}")
         lines.append(f"| {store.labels[organ]} ({n}) | " + " | ".join(cells) + " |")
     for m in methods:
         seeds = [key for key in results if key[0] == m]
-        per_seed = [np.mean([np.mean(results[k][0][o], axis=0) for o in results[k][0]], axis=0) * 100 for k in seeds]
+        per_seed = [np.mean([np.mean([v[:2] for v in results[k][0][o]], axis=0) for o in results[k][0]], axis=0) * 100
+                    for k in seeds]
         means[m] = np.array(per_seed)
     if one_seed:  # an SD over one seed would read as a spread of zero
         lines.append("| **mean of organs** | " + " | ".join(f"**{means[m][0, 0]:.1f}** | **{means[m][0, 1]:.1f}**"

@@ -122,7 +122,7 @@ def three_organ_run(three_organ_store, tmp_path_factory):
                "--output", str(output), "--method", "supervised", "--device", "cpu", "--progress", "json",
                f"data.cache={output.parent / 'cache'}", "network.widths=[4,8,16,32]", "network.feature_layer=3",
                "data.labeled_batch=2", "data.unlabeled_batch=2", "checkpoint_every=1000", "optim.iterations=120",
-               "validation.every=60", "data.patch=[32,48,48]"]
+               "validation.every=60", "validation.fraction=0.2", "data.patch=[32,48,48]"]
     done = subprocess.run(command, capture_output=True, encoding="utf-8", cwd=root, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     return output, done.returncode, done.stdout, done.stderr

@@ -752,3 +752,65 @@ def test_unet_config_round_trip():
     assert torch.allclose(la, lb) and torch.allclose(fa, fb), "rebuilt network computes something else"
     with pytest.raises(ValueError):
         build_network({**config, "architecture": "nope"})
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 18: the default GuidedNet's mixture and class weights
+
+
+def test_mixture_memory_keeps_the_component_of_a_class_absent_from_the_batch():
+    """Class 2 is in the first step's labeled crops and missing from the second: the posterior of
+    the second step still has its component (G' > 0 where features look like class 2), where
+    the per-batch mixture of the paper gives it G' = 0 everywhere."""
+    torch.manual_seed(0)
+    K, C = 3, 2
+    centres = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+
+    def crop(classes):
+        labels = torch.tensor(classes).repeat_interleave(8).view(1, 2, 2, -1)  # (1, 2, 2, 2 * len)
+        features = centres[labels].movedim(-1, 1) + 0.1 * torch.randn(1, C, *labels.shape[1:])
+        probabilities = F.one_hot(labels, K).movedim(-1, 1).float()
+        return features, labels, probabilities
+
+    memory = cgmm.MixtureMemory(K, C, momentum=0.9)
+    first = cgmm.fit(*crop([0, 1, 2]), None, K, tied=True)
+    memory.blend(first)
+    features, labels, probabilities = crop([0, 1])  # class 2 missing this step
+    per_batch = cgmm.fit(features, labels, probabilities, None, K, tied=True)
+    assert not bool(per_batch.present[2])
+    remembered = memory.blend(per_batch)
+    assert bool(remembered.present[2])
+    assert torch.allclose(remembered.mean[2], first.mean[2])
+    probe = centres[2].view(1, C, 1, 1, 1)  # a voxel that looks like class 2
+    assert cgmm.log_posterior(probe, remembered).exp()[0, 2].item() > 0.9
+    assert cgmm.log_posterior(probe, per_batch).exp()[0, 2].item() == 0.0
+    # the step's own statistics still carry the gradient into the features
+    features.requires_grad_(True)
+    blended = memory.blend(cgmm.fit(features, labels, probabilities, None, K, tied=True), update=False)
+    blended.mean[1].sum().backward()
+    assert features.grad is not None and features.grad.abs().sum() > 0
+
+
+def test_balanced_ktcps_weights_start_from_the_labeled_histogram_and_stay_bounded():
+    """The paper's form starts every class at 1 and floors the best-learned class at 0.1 against
+    organs at up to K; the balanced form starts from the label histogram, keeps the best-learned
+    class at 1 and caps every other class at kt_cap."""
+    labels = torch.tensor([0] * 900 + [1] * 90 + [2] * 10).view(1, 10, 10, 10)
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    paper = ClassWeights(3, momentum=0.99, floor=0.1, form="paper")
+    balanced = ClassWeights(3, momentum=0.99, floor=0.1, form="balanced", cap=2.0)
+    for weights in (paper, balanced):
+        weights.update(labels, labels, mask)  # a perfect prediction: correct counts = histogram
+    ratio = torch.log(torch.tensor([1.0, 10.0, 90.0]))
+    assert torch.allclose(paper.weights, 0.99 + 0.01 * (3 * ratio / ratio.max()).clamp_min(0.1), atol=1e-5)
+    start = (1 + ratio / ratio.mean()).clamp(0.1, 2.0)
+    assert torch.allclose(balanced.weights, start, atol=1e-4)  # the EMA step from the start changes nothing
+    assert balanced.weights[0] == 1.0 and balanced.weights.max() <= 2.0
+
+
+def test_guidednet_paper_preset_is_the_literal_objective():
+    paper = methods.MethodOptions.preset("guidednet-paper", mixing="frequency", tied_variance=True)
+    assert (paper.mixture_momentum, paper.tied_variance, paper.mixing, paper.rectify_target, paper.ramp_cgmm,
+            paper.kt_form, paper.kt_floor) == (0.0, False, "uniform", "soft", False, "paper", 0.1)
+    default = methods.MethodOptions.preset("guidednet")
+    assert default.mixture_momentum > 0 and default.rectify_target == "agree" and default.kt_form == "balanced"

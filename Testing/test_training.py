@@ -26,7 +26,7 @@ from Training.config import ConfigError, load_config
 from Training.trainer import TrainingSetupError, train
 
 TINY = ["network.widths=[4,8,16,32]", "network.feature_layer=3", "data.patch=[32,32,32]", "data.labeled_batch=2",
-        "data.unlabeled_batch=2", "validation.every=1000", "checkpoint_every=1000"]
+        "data.unlabeled_batch=2", "validation.every=1000", "validation.fraction=0.2", "checkpoint_every=1000"]
 
 
 @pytest.fixture(scope="module")

@@ -60,8 +60,19 @@ class OptimConfig:
     amp: str = "auto"  # "auto" (on for CUDA), "on" (also CPU: bf16, fast where the CPU has AMX/AVX512-BF16), "off"
 
 
+SMALL_STORE = 10  # labeled cases below which "auto" keeps every case in training
+
+
 @dataclass
 class ValidationConfig:
+    # Share of labeled cases held out to choose the weights. "auto": none below 10 labeled cases
+    # (with 3, a held-out case is a third of the training data; the final weights are kept), the
+    # store's own fraction (default 0.2, decided per case id) from 10 on.
+    fraction: typing.Any = "auto"
+    # Folder of reference label maps (<case id>.nii.gz, relative to the store) for some unlabeled
+    # cases: scored at every validation for the curve only (log, TensorBoard), never to choose weights.
+    monitor: str | None = None
+    monitor_cases: int = 4
     every: int = 50  # iterations between validations (and at the end)
     overlap: float = 0.5  # sliding-window overlap
     ensemble: bool = False  # average networks A and B (two-network methods)
@@ -95,6 +106,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     checkpoint_every: int = 50
     log_every: int = 10
+    # Each loss term's share of the gradient norm, to gradients.csv and TensorBoard, every this
+    # many iterations (one extra backward pass per term; 0: never).
+    gradients_every: int = 100
     network: NetworkConfig = field(default_factory=NetworkConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -156,6 +170,10 @@ def check(config: TrainConfig) -> None:
         raise ConfigError(f"data.labeled_batch {d.labeled_batch} must be at least 1")
     if d.unlabeled_batch < 0:
         raise ConfigError(f"data.unlabeled_batch {d.unlabeled_batch} must not be negative")
+    v = config.validation
+    if v.fraction != "auto" and not (isinstance(v.fraction, (int, float)) and not isinstance(v.fraction, bool)
+                                     and 0 <= v.fraction < 1):
+        raise ConfigError(f"validation.fraction {v.fraction!r} must be 'auto' or a number in [0, 1)")
     if d.mirror not in ("left-right", "all", "none"):
         raise ConfigError(f"data.mirror {d.mirror!r} must be left-right, all or none")
     if not 0 <= d.foreground <= 1:

@@ -40,7 +40,7 @@ from GuidedSegLib.progress import Reporter as ProgressReporter
 from GuidedSegLib.store import CaseStore
 from GuidedSegLib.training_data import Augmentation, CropSampler, IterationBatches, TrainingData
 
-from .config import ConfigError, TrainConfig
+from .config import SMALL_STORE, ConfigError, TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -135,7 +135,7 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
                 tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     store = _open_store(config, output, report, rank)
-    splits = store.splits()
+    splits = store.splits(validation_fraction=_validation_fraction(config, store))
     labeled_ids = splits.train
     if not labeled_ids:
         raise TrainingSetupError(f"{store.root}: has no labeled training case "
@@ -148,12 +148,12 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     cache = Path(config.data.cache) if config.data.cache else output / "cache"
     class_values = _classes(store, labeled_ids, output, resume, report, rank)
     data = TrainingData(store, plan, cache, config.data.partial_labels, class_values)
-    groups = {"train": labeled_ids, "validation": splits.validation, "unlabeled": splits.unlabeled}
+    groups = {"train": [store.case(i) for i in labeled_ids], "validation": [store.case(i) for i in splits.validation],
+              "unlabeled": [store.case(i) for i in splits.unlabeled], "monitor": _monitor_cases(config, store, splits)}
     if rank != 0:
         torch.distributed.barrier()  # rank 0 fills the cache first; the others then read it
-    prepared = {kind: data.prepare([store.case(i) for i in ids],
-                                   lambda i, n, cid, k=kind: report.stage(f"prepare-{k}", i, n, case=cid))
-                for kind, ids in groups.items()}
+    prepared = {kind: data.prepare(cases, lambda i, n, cid, k=kind: report.stage(f"prepare-{k}", i, n, case=cid))
+                for kind, cases in groups.items()}
     if rank == 0 and world > 1:
         torch.distributed.barrier()
 
@@ -241,6 +241,8 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
                                          f"({ {k: round(v.item(), 4) for k, v in losses.items()} }); "
                                          "lower optim.lr, or set optim.amp=off")
             optimiser.zero_grad(set_to_none=True)
+            if rank == 0 and config.gradients_every and (iteration + 1) % config.gradients_every == 0:
+                log.gradients(iteration + 1, _gradient_norms(method))
             scaler.scale(loss).backward()
             scaler.unscale_(optimiser)
             norm = torch.nn.utils.clip_grad_norm_(method.parameters(), config.optim.grad_clip or math.inf)
@@ -271,6 +273,13 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
                         best = {"score": result["mean_dice"], "iteration": done, "validation": result}
                         if rank == 0:
                             _save(output / BEST, {"model": method.state_dict(), "iteration": done})
+                if prepared["monitor"]:
+                    watched = _validate(method, prepared["monitor"], patch, config, device, class_values, report,
+                                        rank, world, stage="monitor")
+                    if watched is not None:
+                        log.validation(done, watched, prefix="monitor_")
+                        report.message(f"iteration {done}: monitor (unlabeled cases' references, not used to "
+                                       f"choose weights) mean Dice {watched['mean_dice']:.4f}")
             if stop.signal is not None or done % config.checkpoint_every == 0 or last:
                 if rank == 0:
                     _save(output / CHECKPOINT, {
@@ -291,7 +300,7 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
 
     bundle = None
     if rank == 0:
-        if (output / BEST).is_file():
+        if splits.validation and (output / BEST).is_file():
             method.load_state_dict(torch.load(output / BEST, map_location=device, weights_only=True)["model"])
         cost = {"seconds_per_iteration": round(step_time / max(1, total - start), 4), "peak_memory_mb": _peak_memory_mb(device)}
         bundle = _write_bundle(config, method, store, plan, patch, class_values, best, labeled_ids, splits, output, cost)
@@ -416,6 +425,34 @@ def _classes(store, labeled_ids, output: Path, resume: bool, report: Reporter, r
     return values
 
 
+def _validation_fraction(config: TrainConfig, store) -> float | None:
+    """The share of labeled cases to validate on (None: the store's own setting)."""
+    fraction = config.validation.fraction
+    if fraction != "auto":
+        return float(fraction)
+    return 0.0 if len(store.cases("labeled")) < SMALL_STORE else None
+
+
+def _monitor_cases(config: TrainConfig, store, splits) -> list:
+    """Unlabeled cases with a reference in ``validation.monitor``, read as labeled cases."""
+    if not config.validation.monitor:
+        return []
+    folder = Path(config.validation.monitor)
+    folder = folder if folder.is_absolute() else store.root / folder
+    if not folder.is_dir():
+        raise TrainingSetupError(f"{folder}: validation.monitor is not a folder of reference label maps")
+    cases = []
+    for case_id in splits.unlabeled:
+        reference = folder / f"{case_id}.nii.gz"
+        if reference.is_file():
+            cases.append(dataclasses.replace(store.case(case_id), kind="labeled", label=reference, annotated=None))
+        if len(cases) == config.validation.monitor_cases:
+            break
+    if not cases:
+        raise TrainingSetupError(f"{folder}: holds no <case id>.nii.gz of the store's unlabeled cases")
+    return cases
+
+
 def _augmentation(config: TrainConfig, store, class_values, plan: PreprocessingPlan, report: Reporter,
                   rank: int) -> Augmentation:
     """The crops' augmentation from ``data.mirror`` and ``data.augment``.
@@ -467,7 +504,7 @@ def _patch(config: TrainConfig, cases, plan: PreprocessingPlan, divisor: int) ->
 
 def _check_resume_config(saved: dict, current: dict, output: Path) -> None:
     """A resumed run must be the same run: only where it logs or how many workers may change."""
-    free = {"device", "data.workers", "log_every", "checkpoint_every"}
+    free = {"device", "data.workers", "log_every", "checkpoint_every", "gradients_every"}
 
     def flat(d, prefix=""):
         for k, v in d.items():
@@ -482,6 +519,20 @@ def _check_resume_config(saved: dict, current: dict, output: Path) -> None:
     if changed:
         raise TrainingSetupError(f"{output}: --resume with settings that differ from the saved run: "
                                  + ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in changed))
+
+
+def _gradient_norms(method) -> dict[str, float]:
+    """The gradient norm of each weighted loss term the method last computed (its graph is kept)."""
+    parameters = [p for p in method.parameters() if p.requires_grad]
+    norms = {}
+    for name, term in method.terms.items():
+        if not term.requires_grad:
+            norms[name] = 0.0
+            continue
+        grads = torch.autograd.grad(term, parameters, retain_graph=True, allow_unused=True)
+        norms[name] = float(torch.sqrt(sum((g.float().square().sum() for g in grads if g is not None),
+                                           torch.zeros((), device=term.device))))
+    return norms
 
 
 def _mean_over_processes(losses: dict[str, torch.Tensor], world: int) -> dict[str, float]:
@@ -506,8 +557,10 @@ def _save(path: Path, state: dict) -> None:
 
 
 @torch.inference_mode()
-def _validate(method, cases, patch, config: TrainConfig, device, class_values, report: Reporter, rank, world):
-    """Sliding-window Dice on the validation split (rank 0); None when there is none."""
+def _validate(method, cases, patch, config: TrainConfig, device, class_values, report: Reporter, rank, world,
+              stage: str = "validate"):
+    """Sliding-window Dice on ``cases`` (rank 0), with each organ's predicted-to-reference volume
+    ratio (a ratio far above 1 is over-segmentation); None when there is no case."""
     if rank != 0 or not cases:
         if world > 1:
             torch.distributed.barrier()
@@ -521,9 +574,9 @@ def _validate(method, cases, patch, config: TrainConfig, device, class_values, r
     def predict(x):
         return sum(torch.softmax(net(x)[0].float(), 1) for net in networks) / len(networks)
 
-    scores = []
+    scores, ratios = [], []
     for index, case in enumerate(cases):
-        report.stage("validate", index, len(cases), case=case.case_id)
+        report.stage(stage, index, len(cases), case=case.case_id)
         image = torch.from_numpy(np.array(case.image(), dtype=np.float32))[None, None].to(device)
         probabilities = sliding_window_inference(image, patch, 2, predict, overlap=config.validation.overlap,
                                                  mode="gaussian")
@@ -531,18 +584,22 @@ def _validate(method, cases, patch, config: TrainConfig, device, class_values, r
         reference = case.label()
         organs = sorted(case.locations)  # annotated organs present in the reference
         scores.append({class_values[k]: d for k, d in per_class_dice(prediction, reference, organs).items()})
+        ratios.append({class_values[k]: float((prediction == k).sum()) / max(1, int((reference == k).sum()))
+                       for k in organs})
     method.train()
     if world > 1:
         torch.distributed.barrier()
     summary = summarise(scores)
-    per_organ = {str(k): {"dice": m, "sd": s, "n": n} for k, (m, s, n) in summary.items()}
+    volume = {k: m for k, (m, _, _) in summarise(ratios).items()}
+    per_organ = {str(k): {"dice": m, "sd": s, "n": n, "volume_ratio": volume[k]} for k, (m, s, n) in summary.items()}
     mean = float(np.mean([v["dice"] for v in per_organ.values()])) if per_organ else 0.0
     return {"mean_dice": mean, "per_organ": per_organ, "cases": len(cases)}
 
 
 def format_table(validation: dict | None, labels: dict[int, str]) -> str:
     if not validation:
-        return "no validation split (fewer than two labeled cases, or a validation fraction of 0): the last weights were kept"
+        return (f"no validation case (validation.fraction 0, or 'auto' with fewer than {SMALL_STORE} labeled cases, "
+                "so every labeled case trained): the final weights were kept")
     lines = [f"validation ({validation['cases']} cases): Dice per organ, over cases where it is annotated",
              f"  {'organ':<24} {'Dice':>7} {'SD':>7} {'n':>4}"]
     for value, row in validation["per_organ"].items():
@@ -584,7 +641,10 @@ def _write_bundle(config, method, store, plan, patch, class_values, best, labele
             "unlabeled": len(splits.unlabeled),
             "not_trained": {str(v): labels[v] for v in store.organs if v not in class_values},
             "iterations": config.optim.iterations,
-            "best_iteration": best["iteration"], "seed": config.seed, "config": config.to_dict(), **cost,
+            "best_iteration": best["iteration"] if splits.validation else config.optim.iterations,
+            "selection": (f"best validation Dice of {len(splits.validation)} held-out cases" if splits.validation else
+                          f"final weights: no validation case (all {len(labeled_ids)} labeled cases trained)"),
+            "seed": config.seed, "config": config.to_dict(), **cost,
         },
         "validation": best["validation"],
         "parent": None,
@@ -610,7 +670,7 @@ class MetricLog:
         self.columns: list[str] | None = None
         if not enabled:
             return
-        for name in ("log.csv", "validation.csv"):
+        for name in ("log.csv", "validation.csv", "monitor_validation.csv", "gradients.csv"):
             _truncate_csv(output / name, start)
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -637,20 +697,41 @@ class MetricLog:
                 self.writer.add_scalar(f"loss/{key}", value, iteration)
             self.writer.add_scalar("lr", lr, iteration)
 
-    def validation(self, iteration: int, result: dict) -> None:
+    def gradients(self, iteration: int, norms: dict[str, float]) -> None:
+        """Each term's gradient norm and its share of their sum, to ``gradients.csv``."""
         if not self.enabled:
             return
-        path = self.output / "validation.csv"
+        total = sum(norms.values()) or 1.0
+        row = {"iteration": iteration, **{f"norm_{k}": v for k, v in norms.items()},
+               **{f"share_{k}": v / total for k, v in norms.items()}}
+        path = self.output / "gradients.csv"
         new = not path.exists() or path.stat().st_size == 0
-        row = {"iteration": iteration, "mean_dice": result["mean_dice"],
-               **{f"dice_{k}": v["dice"] for k, v in result["per_organ"].items()}}
         with open(path, "a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(row))
             if new:
                 writer.writeheader()
             writer.writerow(row)
         if self.writer is not None:
-            self.writer.add_scalar("validation/mean_dice", result["mean_dice"], iteration)
+            for key, value in norms.items():
+                self.writer.add_scalar(f"gradient_share/{key}", value / total, iteration)
+
+    def validation(self, iteration: int, result: dict, prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        path = self.output / f"{prefix}validation.csv"
+        new = not path.exists() or path.stat().st_size == 0
+        row = {"iteration": iteration, "mean_dice": result["mean_dice"],
+               **{f"dice_{k}": v["dice"] for k, v in result["per_organ"].items()},
+               **{f"volume_ratio_{k}": v["volume_ratio"] for k, v in result["per_organ"].items()}}
+        with open(path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.writer is not None:
+            self.writer.add_scalar(f"{prefix}validation/mean_dice", result["mean_dice"], iteration)
+            for k, v in result["per_organ"].items():
+                self.writer.add_scalar(f"{prefix}validation/volume_ratio_{k}", v["volume_ratio"], iteration)
 
     def close(self) -> None:
         if self.writer is not None:
