@@ -814,3 +814,54 @@ def test_guidednet_paper_preset_is_the_literal_objective():
             paper.kt_form, paper.kt_floor) == (0.0, False, "uniform", "soft", False, "paper", 0.1)
     default = methods.MethodOptions.preset("guidednet")
     assert default.mixture_momentum > 0 and default.rectify_target == "agree" and default.kt_form == "balanced"
+
+
+def test_rectification_target_is_no_worse_than_the_head_on_a_phantom(tiny_bundle):
+    """With the network of a trained bundle, G' fitted on a training phantom is used on an unseen
+    one, as L_rectify uses it. The paper's target (soft G' on every voxel, per-class variances,
+    uniform mixing) is a worse classifier than the head it would teach; the default target
+    (tied variance, frequency mixing, only where G' agrees with a second prediction) is at least
+    as accurate as the head where it teaches."""
+    import numpy as np
+    import SimpleITK as sitk
+    from conftest import three_organ_phantom
+
+    from GuidedSegLib.bundle import load_networks
+    from GuidedSegLib.preprocessing import PreprocessingPlan, preprocess
+
+    metadata, networks = load_networks(tiny_bundle)
+    net = networks["A"]
+    plan = PreprocessingPlan.from_dict(metadata["preprocessing"])
+    K = len(metadata["labels"])
+
+    def prepared(seed):
+        image, label = three_organ_phantom(seed)
+        out = preprocess(image, plan, label)
+        x = torch.from_numpy(sitk.GetArrayFromImage(out.image))[None, None]
+        y = torch.from_numpy(sitk.GetArrayFromImage(out.label).astype(np.int64))[None]
+        return x, y
+
+    (x_l, y_l), (x, truth) = prepared(700), prepared(790)  # a training case; an unseen phantom
+    assert all(n % net.divisor == 0 for n in x.shape[2:])
+    with torch.no_grad():
+        logits_l, features_l = net(x_l)
+        logits, features = net(x)
+        generator = torch.Generator().manual_seed(0)
+        second, _ = net(x + 0.05 * torch.randn(x.shape, generator=generator))  # another view's prediction
+    probabilities_l = torch.softmax(logits_l, 1)
+    head = logits.argmax(1)
+    head_accuracy = (head == truth).float().mean().item()
+
+    paper = cgmm.fit(features_l, y_l, probabilities_l, None, K, mixing="uniform", tied=False)
+    paper_target = cgmm.log_posterior(features, paper).argmax(1)
+    paper_accuracy = (paper_target == truth).float().mean().item()
+
+    default = cgmm.fit(features_l, y_l, probabilities_l, None, K, mixing="frequency", tied=True)
+    default = cgmm.MixtureMemory(K, features.shape[1]).blend(default)
+    target = cgmm.log_posterior(features, default).argmax(1)
+    taught = (target == second.argmax(1)) & default.present[target]
+    target_accuracy = (target == truth)[taught].float().mean().item()
+    print(f"head {head_accuracy:.3f}, paper target {paper_accuracy:.3f}, default target {target_accuracy:.3f} "
+          f"on {taught.float().mean().item():.0%} of voxels")
+    assert taught.float().mean() > 0.5  # the gate keeps most voxels: the term still teaches
+    assert target_accuracy >= head_accuracy

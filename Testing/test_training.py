@@ -212,6 +212,30 @@ def config(store: Path, output: Path, *overrides: str):
     return load_config(None, [f"store={store}", f"output={output}", "device=cpu", *TINY, *overrides])
 
 
+def test_with_three_labeled_cases_every_case_trains_and_the_bundle_says_so(phantom_store, cache, tmp_path):
+    """Below 10 labeled cases nothing is held out by default (a held-out case would be a third of
+    three): all labeled cases train, the final weights are kept, and the bundle says both."""
+    from GuidedSegLib.bundle import describe_bundle
+
+    store = CaseStore(phantom_store)
+    assert len(store.cases("labeled")) == 5 and len(store.splits().validation) == 1  # the store itself holds one out
+    output = tmp_path / "run"
+    code, out, err = run_train(phantom_store, output, cache, "optim.iterations=2", "validation.fraction=auto",
+                               method="supervised")
+    assert code == 0, err
+    training = json.loads((output / "bundle" / "model.json").read_text())["training"]
+    assert sorted(training["labeled"]) == sorted(c.case_id for c in store.cases("labeled"))
+    assert training["validation"] == {} and training["selection"].startswith("final weights")
+    assert "weights    final weights: no validation case (all 5 labeled cases trained)" in describe_bundle(output / "bundle")
+    held = tmp_path / "held"
+    code, out, err = run_train(phantom_store, held, cache, "optim.iterations=2", "validation.fraction=0.2",
+                               method="supervised")
+    assert code == 0, err
+    training = json.loads((held / "bundle" / "model.json").read_text())["training"]
+    assert len(training["labeled"]) == 4 and len(training["validation"]) == 1
+    assert training["selection"].startswith("best validation Dice")
+
+
 def test_empty_store_is_refused(tmp_path):
     store = CaseStore.create(tmp_path / "empty", {1: "liver"})
     with pytest.raises(TrainingSetupError, match="store is empty"):

@@ -101,7 +101,7 @@ class PhantomConfig:
 class TrainConfig:
     store: str | None = None  # case store folder; None: synthetic phantoms in <output>/phantom-store
     output: str = "runs/guidednet-phantoms"
-    method: str = "guidednet"  # supervised | cps | guidednet
+    method: str = "guidednet"  # supervised | cps | guidednet | guidednet-paper
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     checkpoint_every: int = 50
@@ -186,8 +186,12 @@ def check(config: TrainConfig) -> None:
         raise ConfigError(f"optim.amp {o.amp!r} must be auto, on or off")
     if config.objective.mixing not in ("uniform", "frequency"):
         raise ConfigError(f"objective.mixing {config.objective.mixing!r} must be uniform or frequency")
-    if config.objective.rectify_target not in ("soft", "hard"):
-        raise ConfigError(f"objective.rectify_target {config.objective.rectify_target!r} must be soft or hard")
+    if config.objective.rectify_target not in ("agree", "soft", "hard"):
+        raise ConfigError(f"objective.rectify_target {config.objective.rectify_target!r} must be agree, soft or hard")
+    if config.objective.kt_form not in ("balanced", "paper"):
+        raise ConfigError(f"objective.kt_form {config.objective.kt_form!r} must be balanced or paper")
+    if not 0 <= config.objective.mixture_momentum < 1:
+        raise ConfigError(f"objective.mixture_momentum {config.objective.mixture_momentum} must be in [0, 1)")
     if config.objective.kt_floor <= 0:
         raise ConfigError(f"objective.kt_floor {config.objective.kt_floor} must be positive")
     levels = len(config.network.widths) - 1
