@@ -77,13 +77,18 @@ def _parser() -> argparse.ArgumentParser:
         description="Score predicted label maps against reference label maps: per case and organ Dice, Jaccard, "
                     "HD95 and average surface distance in mm (MONAI metrics), mean and SD per organ over the "
                     "(case, organ) pairs whose reference is annotated, written as CSV and Markdown, with a bar "
-                    "chart of Dice per organ and overlay pictures of each case.")
+                    "chart of Dice per organ and overlay pictures of each case. Labels are matched by name "
+                    "(prediction and reference may number their organs differently); names either side lacks "
+                    "are listed, and a pairing without a name in common is refused.")
     evaluate.add_argument("--pred", type=Path, required=True, help="predicted label map, or a folder of them")
     evaluate.add_argument("--ref", type=Path, required=True,
                           help="reference label map, a folder of them, or a case store (its test cases)")
     evaluate.add_argument("--labels", type=Path,
-                          help="label names: a bundle folder, its model.json, or a dataset.json (a store's also "
-                               "gives each case's annotated organs)")
+                          help="label names of the predictions: the model bundle that wrote them, its model.json, "
+                               "or a dataset.json whose values they use (default: the names in .seg.nrrd files)")
+    evaluate.add_argument("--ref-labels", type=Path,
+                          help="label names of a folder of reference files: a dataset.json or a store folder (a "
+                               "store's also gives each case's annotated organs); a store given as --ref names its own")
     evaluate.add_argument("--images", type=Path, help="the scans (file or folder), for the overlay pictures")
     evaluate.add_argument("--output", type=Path, required=True, help="new folder for the report (never overwritten)")
     evaluate.add_argument("--slices", type=int, default=3, help="overlay slices per case (default 3; 0: none)")
@@ -203,8 +208,8 @@ def _run_bundle_info(args: argparse.Namespace) -> int:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_folders
 
-    report = evaluate_folders(args.pred, args.ref, args.output, labels=args.labels, images=args.images,
-                              slices=args.slices, progress=lambda text: print(text, file=sys.stderr, flush=True))
+    report = evaluate_folders(args.pred, args.ref, args.output, labels=args.labels, ref_labels=args.ref_labels,
+                              images=args.images, slices=args.slices, progress=lambda text: print(text, file=sys.stderr, flush=True))
     print(report.markdown_summary())
     print(f"report written to {args.output}")
     return 0
