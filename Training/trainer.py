@@ -125,14 +125,15 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
             raise TrainingSetupError(f"{output}: nothing to resume (no {CHECKPOINT}); start without --resume")
         saved = yaml.safe_load(config_file.read_text())
         _check_resume_config(saved, config.to_dict(), output)
+        finished = _finished(output, config.optim.iterations)
+        if finished is not None:
+            report.message(f"{output}: the run is complete ({config.optim.iterations} iterations) and its bundle "
+                           f"is {finished.bundle}; nothing to resume, nothing was written")
+            report.emit({"stage": "done", "progress": 1.0, "bundle": str(finished.bundle), "complete": True})
+            return finished
     elif (output / CHECKPOINT).exists():
         raise TrainingSetupError(f"{output}: holds a checkpoint of an earlier run; pass --resume to continue "
                                  "it, or choose another output folder")
-    if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            with atomic_path(config_file) as tmp:
-                tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     store = _open_store(config, output, report, rank)
     splits = store.splits()
@@ -141,6 +142,11 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
         raise TrainingSetupError(f"{store.root}: has no labeled training case "
                                  f"({len(store.cases('labeled'))} labeled, {len(splits.validation)} of them for "
                                  "validation); add labeled cases with 'guidedseg store add' or 'ingest'")
+    if rank == 0:  # only once the store is known to be usable: a refused run leaves no folder behind
+        output.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            with atomic_path(config_file) as tmp:
+                tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     if config.method != "supervised" and not splits.unlabeled and config.data.unlabeled_batch > 0:
         report.message(f"note: {store.root} has no unlabeled case; {config.method} learns from labeled crops only")
 
@@ -285,8 +291,9 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     report.close()
     log.close()
     if stopped is not None:
+        script = os.path.relpath(Path(__file__).with_name("train.py"))
         report.message(f"stopped by signal {stopped} after iteration {iteration + 1}; checkpoint saved in "
-                       f"{output / CHECKPOINT}; continue with --resume")
+                       f"{output / CHECKPOINT}; continue with --resume: python {script} --output {output} --resume")
         return Result("stopped", iteration + 1, None, best["validation"], stopped)
 
     bundle = None
@@ -453,9 +460,24 @@ def _patch(config: TrainConfig, cases, plan: PreprocessingPlan, divisor: int) ->
     return tuple(patch)
 
 
+def _finished(output: Path, total: int) -> Result | None:
+    """The result of a run whose checkpoint is at its last iteration and whose bundle was written
+    (the newest ``bundle*`` folder), else None."""
+    state = torch.load(output / CHECKPOINT, map_location="cpu", weights_only=True)
+    if int(state["iteration"]) < total:
+        return None
+    bundles = [p for p in output.glob("bundle*") if (p / "model.json").is_file()
+               and (p.name == "bundle" or p.name.removeprefix("bundle-").isdigit())]
+    if not bundles:
+        return None  # stopped between the last checkpoint and the bundle: resuming writes it
+    newest = max(bundles, key=lambda p: int(p.name.removeprefix("bundle-")) if "-" in p.name else 1)
+    return Result("finished", total, newest, json.loads(state["best_validation"]))
+
+
 def _check_resume_config(saved: dict, current: dict, output: Path) -> None:
-    """A resumed run must be the same run: only where it logs or how many workers may change."""
-    free = {"device", "data.workers", "log_every", "checkpoint_every"}
+    """A resumed run must be the same run: only where it logs or how many workers may change
+    (and where its folder is now)."""
+    free = {"output", "device", "data.workers", "log_every", "checkpoint_every"}
 
     def flat(d, prefix=""):
         for k, v in d.items():
