@@ -24,6 +24,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GuidedSegError as error:
         print(f"guidedseg: error: {error}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as error:
+        print(f"guidedseg: error: this command needs the Python package '{error.name}', which is not installed "
+              f"for {sys.executable}; install it with: {sys.executable} -m pip install 'guidedseg[train]' "
+              "(or run 'make setup' in the GuidedSeg folder and use .venv/bin/guidedseg)", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. piped into head: the reader has gone, say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print("guidedseg: interrupted", file=sys.stderr)
         return 130
@@ -51,13 +60,18 @@ def _parser() -> argparse.ArgumentParser:
     segment = commands.add_parser("segment", help="segment scans with a model bundle",
                                   description="Segment a scan, or every scan in a folder, with a model bundle loaded "
                                               "once. Label maps are written on each scan's own grid, atomically; "
-                                              "existing outputs are refused before anything runs.")
+                                              "existing outputs are refused before anything runs (or replaced "
+                                              "with --overwrite).")
     segment.add_argument("--model", type=Path, required=True, help="model bundle folder")
     segment.add_argument("--input", type=Path, required=True,
                          help="image file, DICOM series folder, or a folder of image files")
-    segment.add_argument("--output", type=Path, required=True,
-                         help="label map file (.nii.gz, .nrrd, .seg.nrrd, ...), or a folder for a folder of scans "
-                              "(same file names)")
+    segment.add_argument("--output", required=True,
+                         help="label map file (.nii.gz, .nrrd, .seg.nrrd, ...), or a folder (one that exists, or a name "
+                              "ending in / or without a suffix): each scan's label map goes there under the scan's "
+                              "name. A folder of scans needs an output folder")
+    segment.add_argument("--overwrite", action="store_true",
+                         help="replace outputs that exist (each by a rename once its new version is complete); "
+                              "without it, existing outputs are refused before anything runs")
     segment.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     segment.add_argument("--ensemble", action="store_true", help="average networks A and B of a two-network bundle")
     segment.add_argument("--lcc", action="store_true", help="keep only the largest connected piece of each organ")
@@ -117,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("store", type=Path)
     add.add_argument("--image", type=Path, required=True, help="volume file or DICOM series folder")
     add.add_argument("--label", type=Path, help="label map (.nii.gz, .nrrd, .seg.nrrd, ...); none: unlabeled")
-    add.add_argument("--id", dest="case_id", help="case id (default: the image's file name)")
+    add.add_argument("--case", "--id", dest="case_id", help="case id (default: the image's file name)")
     add.add_argument("--test", action="store_true", help="add as a test case (never used for training)")
     _annotation_arguments(add)
     add.set_defaults(run=_run_add)
@@ -171,7 +185,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     reporter = Reporter(args.progress)
     try:
         with stop_on_signals():
-            jobs = plan_jobs(args.input, args.output)
+            jobs = plan_jobs(args.input, args.output, overwrite=args.overwrite)
             reporter.stage("load", 0, 1, model=str(args.model))
             from .inference import Predictor
 
@@ -198,6 +212,8 @@ def _run_segment(args: argparse.Namespace) -> int:
 def _run_bundle_info(args: argparse.Namespace) -> int:
     from .bundle import describe_bundle, read_metadata, weights_summary
 
+    if not args.bundle.exists():
+        raise GuidedSegError(f"{args.bundle}: no such bundle folder")
     if args.json:
         print(json.dumps({**read_metadata(args.bundle), "weights": weights_summary(args.bundle)}, indent=2))
     else:
@@ -309,8 +325,10 @@ def _run_history(args: argparse.Namespace) -> int:
     store = CaseStore(args.store)
     for record in store.history(args.case):
         organs = ", ".join(store.labels.get(v, str(v)) for v in record.get("annotated", [])) or "-"
+        absent = ", ".join(store.labels.get(v, str(v)) for v in record.get("absent", []))
         print(f"v{record['version']}  {record.get('time') or '-':<25}  source={record.get('source') or '-'}  "
-              f"model={record.get('model') or '-'}  {record['label']}  annotated: {organs}")
+              f"model={record.get('model') or '-'}  {record['label']}  annotated: {organs}"
+              + (f"  absent: {absent}" if absent else ""))
     return 0
 
 

@@ -72,3 +72,68 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "guidedseg"
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("guidedseg ")
+
+
+# ----------------------------------------------------------------------------------------------
+# segment: which outputs go where, and what is refused before anything runs
+
+
+def scan(path: Path, array: np.ndarray | None = None) -> Path:
+    array = np.random.default_rng(0).normal(0, 300, (16, 24, 24)).astype(np.int16) if array is None else array
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    return path
+
+
+def segment_error(capsys, *args: str) -> str:
+    """Run ``guidedseg segment`` expecting a refusal before the model is even read; its one line."""
+    assert main(["segment", "--model", "no-model-needed", *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_segment_refuses_mismatched_files_and_folders_naming_the_right_path(tmp_path, capsys):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    scan(scans / "a.nii.gz")
+    line = segment_error(capsys, "--input", str(scans), "--output", str(tmp_path / "seg.nii.gz"))
+    assert f"{tmp_path / 'seg.nii.gz'}: names a file (.nii.gz), but the input" in line and "output folder" in line
+    assert not (tmp_path / "seg.nii.gz").exists()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "readme.txt").write_text("no images here")
+    line = segment_error(capsys, "--input", str(notes), "--output", str(tmp_path / "segs"))
+    assert line.startswith(f"guidedseg: error: {notes}: holds no image files") and "DICOM" in line
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.nii.gz").write_bytes(b"an earlier result")
+    line = segment_error(capsys, "--input", str(scans), "--output", str(tmp_path / "out"))
+    assert f"{tmp_path / 'out' / 'a.nii.gz'}: already exists" in line and "--overwrite" in line
+    assert (tmp_path / "out" / "a.nii.gz").read_bytes() == b"an earlier result"
+    line = segment_error(capsys, "--input", str(scans / "a.nii.gz"), "--output", str(tmp_path / "a.txt"))
+    assert f"{tmp_path / 'a.txt'}: unsupported file type" in line
+
+
+def test_segment_a_scan_into_a_folder_overwrite_and_input_warnings(tiny_bundle, tmp_path, capsys):
+    from conftest import three_organ_phantom
+
+    image = tmp_path / "scan.nrrd"
+    sitk.WriteImage(three_organ_phantom(920)[0], str(image))
+    assert main(["segment", "--model", str(tiny_bundle), "--input", str(image), "--output", f"{tmp_path / 'segdir'}/",
+                 "--progress", "none"]) == 0
+    written = tmp_path / "segdir" / "scan.nrrd"
+    first = sitk.GetArrayFromImage(sitk.ReadImage(str(written)))
+    assert (first > 0).sum() > 100 and "warning" not in capsys.readouterr().err
+    written.write_bytes(b"stale")
+    assert main(["segment", "--model", str(tiny_bundle), "--input", str(image), "--output", str(tmp_path / "segdir"),
+                 "--overwrite", "--progress", "none"]) == 0
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(written))), first)
+    assert [p.name for p in (tmp_path / "segdir").iterdir()] == ["scan.nrrd"]  # no temporary file left
+    capsys.readouterr()
+    # A label map given as the scan, and an image that holds one value: segmented, with a warning each.
+    label = scan(tmp_path / "label.nii.gz", (first > 0).astype(np.uint8) * 2)
+    flat = scan(tmp_path / "flat.nii.gz", np.full((16, 24, 24), 40, np.int16))
+    for source, said in ((label, "looks like a label map, not a scan (2 whole values from 0 to 2)"),
+                         (flat, "holds the one value 40 in every voxel")):
+        assert main(["segment", "--model", str(tiny_bundle), "--input", str(source), "--output",
+                     str(tmp_path / f"seg-{source.name}"), "--progress", "none"]) == 0
+        assert f"warning: {source}: {said}" in capsys.readouterr().err
