@@ -20,7 +20,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.run(args) or 0)
+        code = int(args.run(args) or 0)
+        sys.stdout.flush()  # here, so that a reader gone away (| head) is caught below, not at exit
+        return code
     except GuidedSegError as error:
         print(f"guidedseg: error: {error}", file=sys.stderr)
         return 2

@@ -137,3 +137,46 @@ def test_segment_a_scan_into_a_folder_overwrite_and_input_warnings(tiny_bundle, 
         assert main(["segment", "--model", str(tiny_bundle), "--input", str(source), "--output",
                      str(tmp_path / f"seg-{source.name}"), "--progress", "none"]) == 0
         assert f"warning: {source}: {said}" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# the smaller refusals and what the commands show
+
+
+def test_history_shows_absent_organs_and_names_get_did_you_mean(tmp_path, capsys):
+    store = tmp_path / "store"
+    assert main(["store", "create", str(store), "--labels", "1:liver,2:spleen"]) == 0
+    image, label = scan(tmp_path / "img.nii.gz"), tmp_path / "lab.nii.gz"
+    mask = np.zeros((16, 24, 24), np.uint8)
+    mask[4:8, 4:10, 4:10] = 1
+    scan(label, mask)
+    assert main(["store", "add", str(store), "--image", str(image), "--label", str(label), "--case", "c1",
+                 "--annotated", "livr"]) == 2
+    assert "'livr' is not an organ of the store's label set ['liver', 'spleen']; did you mean 'liver'?" in \
+        capsys.readouterr().err
+    assert main(["store", "add", str(store), "--image", str(image), "--label", str(label), "--case", "c1",
+                 "--absent", "spleen"]) == 0
+    assert main(["store", "history", str(store), "c1"]) == 0
+    assert "annotated: liver  absent: spleen" in capsys.readouterr().out
+    assert main(["bundle", "info", str(tmp_path / "missing-folder")]) == 2
+    assert f"{tmp_path / 'missing-folder'}: no such bundle folder" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_and_a_missing_package_end_in_one_line_not_a_traceback(tmp_path):
+    store = tmp_path / "store"
+    assert main(["store", "create", str(store), "--labels", "1:liver,2:spleen"]) == 0
+    reader = subprocess.Popen([str(Path(sys.executable).parent / "guidedseg"), "store", "info", str(store), "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader.stdout.close()  # as `| head` does once it has its lines
+    assert reader.stderr.read() == "" and reader.wait() == 1
+    # Without torch installed: one line naming the package and how to get it, from both entry points.
+    hide_torch = "import sys, runpy; sys.modules['torch'] = None; "
+    for code, prog in ((f"sys.argv = ['guidedseg', 'segment', '--model', 'm', '--input', {str(scan(tmp_path / 'img.nii.gz'))!r},"
+                        f" '--output', {str(tmp_path / 'x.nii.gz')!r}]; runpy.run_module('GuidedSegLib.cli', run_name='__main__')",
+                        "guidedseg"),
+                       (f"sys.argv = ['train.py', '--output', {str(tmp_path / 'run')!r}]; "
+                        f"runpy.run_path({str(ROOT / 'Training' / 'train.py')!r}, run_name='__main__')", "train.py")):
+        result = subprocess.run([sys.executable, "-c", hide_torch + code], capture_output=True, text=True, cwd=ROOT)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith(f"{prog}: error: ") and "'torch'" in lines[0] and "make setup" in lines[0]
