@@ -79,6 +79,20 @@ def test_supervised_training_learns_the_organs(three_organ_run):
     events = [json.loads(line) for line in out.splitlines()]
     assert events[-1] == {"stage": "done", "progress": 1.0, "bundle": str(output / "bundle")}
     assert any(e["stage"] == "train" and "eta_s" in e for e in events)
+    # Validation reports each case and its sliding-window steps (the panel reads these lines).
+    validating = [e for e in events if e["stage"] == "validate"]
+    assert validating and all({"case", "index", "total", "step", "steps"} <= set(e) for e in validating)
+    assert validating[0]["step"] == 0 and validating[0]["steps"] > 0 and 0 <= validating[-1]["progress"] < 1
+    # Supervised training uses no unlabeled case, and says so instead of counting them.
+    assert "0 unlabeled (2 unlabeled not used)" in out and model["training"]["unlabeled"] == 0
+
+
+def test_a_progress_bar_saved_to_a_log_is_lines_with_validation_progress(phantom_store, cache, tmp_path):
+    code, out, err = run_train(phantom_store, tmp_path / "run", cache, "optim.iterations=2", "validation.every=1",
+                               "--progress", "bar", method="supervised")
+    assert code == 0, err
+    assert "\r" not in err, "carriage returns in a log saved to a file"
+    assert "training: 2/2 it" in err and "validate=1/1 phantom_" in err
 
 
 def test_bundle_holds_what_inference_needs(phantom_store, cache, tmp_path):

@@ -32,6 +32,7 @@ from GuidedSegLib.bundle import write_bundle
 from GuidedSegLib.devices import DeviceError, resolve_device
 from GuidedSegLib.errors import GuidedSegError
 from GuidedSegLib.imageio import atomic_path
+from GuidedSegLib.inference import count_windows
 from GuidedSegLib.labels import is_lateral, label_colour
 from GuidedSegLib.methods import Batch, build_method
 from GuidedSegLib.metrics import per_class_dice, summarise
@@ -154,7 +155,8 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     cache = Path(config.data.cache) if config.data.cache else output / "cache"
     class_values = _classes(store, labeled_ids, output, resume, report, rank)
     data = TrainingData(store, plan, cache, config.data.partial_labels, class_values)
-    groups = {"train": labeled_ids, "validation": splits.validation, "unlabeled": splits.unlabeled}
+    unlabeled_ids = [] if config.method == "supervised" else splits.unlabeled  # supervised learns from labels only
+    groups = {"train": labeled_ids, "validation": splits.validation, "unlabeled": unlabeled_ids}
     if rank != 0:
         torch.distributed.barrier()  # rank 0 fills the cache first; the others then read it
     prepared = {kind: data.prepare([store.case(i) for i in ids],
@@ -218,7 +220,8 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
 
     total = config.optim.iterations
     log = MetricLog(output, start, rank == 0)
-    report.message(f"{method_name}: {len(labeled_ids)} labeled, {len(splits.unlabeled)} unlabeled, "
+    unused = f" ({len(splits.unlabeled)} unlabeled not used)" if len(unlabeled_ids) < len(splits.unlabeled) else ""
+    report.message(f"{method_name}: {len(labeled_ids)} labeled, {len(unlabeled_ids)} unlabeled{unused}, "
                    f"{len(splits.validation)} validation cases; patch {list(patch)} (z, y, x); "
                    f"{total} iterations on {device}" + (f" x {world} processes" if world > 1 else ""))
     loader = torch.utils.data.DataLoader(IterationBatches(sampler, start, total, rank, world), batch_size=None,
@@ -528,13 +531,24 @@ def _validate(method, cases, patch, config: TrainConfig, device, class_values, r
     names = ["A", "B"] if config.validation.ensemble and "B" in method.networks else ["A"]
     networks = [method.networks[n] for n in names]
 
-    def predict(x):
+    def average(x):
         return sum(torch.softmax(net(x)[0].float(), 1) for net in networks) / len(networks)
 
     scores = []
+    stride = tuple(max(1, int(p * (1 - config.validation.overlap))) for p in patch)
     for index, case in enumerate(cases):
-        report.stage("validate", index, len(cases), case=case.case_id)
         image = torch.from_numpy(np.array(case.image(), dtype=np.float32))[None, None].to(device)
+        steps = count_windows(tuple(image.shape[2:]), tuple(patch), stride)
+        report.part("validate", index, len(cases), case.case_id, 0, steps)
+        shown = {"windows": 0, "time": time.monotonic()}
+
+        def predict(x, index=index, case=case, steps=steps):  # the windows done, at most once a second
+            shown["windows"] = min(steps, shown["windows"] + len(x))
+            if time.monotonic() - shown["time"] >= 1.0:
+                shown["time"] = time.monotonic()
+                report.part("validate", index, len(cases), case.case_id, shown["windows"], steps)
+            return average(x)
+
         probabilities = sliding_window_inference(image, patch, 2, predict, overlap=config.validation.overlap,
                                                  mode="gaussian")
         prediction = probabilities.argmax(1)[0].cpu().numpy()
@@ -591,7 +605,7 @@ def _write_bundle(config, method, store, plan, patch, class_values, best, labele
             "store": str(store.root), "store_name": store.name,
             "labeled": {cid: store.case(cid).label_version for cid in labeled_ids},
             "validation": {cid: store.case(cid).label_version for cid in splits.validation},
-            "unlabeled": len(splits.unlabeled),
+            "unlabeled": 0 if config.method == "supervised" else len(splits.unlabeled),
             "not_trained": {str(v): labels[v] for v in store.organs if v not in class_values},
             "iterations": config.optim.iterations,
             "best_iteration": best["iteration"], "seed": config.seed, "config": config.to_dict(), **cost,
