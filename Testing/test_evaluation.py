@@ -183,3 +183,19 @@ def test_seg_nrrd_predictions_carry_their_own_names(folders, tmp_path):
     report = evaluate_folders(pred, ref, tmp_path / "report", ref_labels=labels, slices=0)
     assert {(s.case, s.organ): s.dice for s in report.scores} == {("a", "liver"): 1.0, ("a", "spleen"): 1.0,
                                                                    ("b", "liver"): 1.0}
+
+
+def test_paired_and_neighbouring_organs_get_distinct_colours():
+    """The two sides of a paired organ, and any two FLARE22 organs, are told apart in the pictures."""
+    from itertools import combinations
+
+    from GuidedSegLib.labels import FLARE22_LABELS, label_colour
+
+    def apart(a, b):
+        return float(np.linalg.norm(np.subtract(label_colour(a), label_colour(b))))
+
+    for left, right in (("kidney_left", "kidney_right"), ("adrenal_gland_left", "adrenal_gland_right"),
+                        ("LeftParotid", "RightParotid"), ("Parotid_L", "Parotid_R"), ("liver", "spleen")):
+        assert apart(left, right) > 0.3, (left, right)
+    closest = min(combinations(FLARE22_LABELS.values(), 2), key=lambda pair: apart(*pair))
+    assert apart(*closest) > 0.15, closest
