@@ -158,6 +158,11 @@ def test_history_shows_absent_organs_and_names_get_did_you_mean(tmp_path, capsys
                  "--absent", "spleen"]) == 0
     assert main(["store", "history", str(store), "c1"]) == 0
     assert "annotated: liver  absent: spleen" in capsys.readouterr().out
+    # A plain label file smaller than its image is refused (only Slicer's .seg.nrrd covers a part of the grid).
+    scan(tmp_path / "small.nii.gz", mask[2:10, 2:12, 2:12])
+    assert main(["store", "add", str(store), "--image", str(image), "--label", str(tmp_path / "small.nii.gz")]) == 2
+    assert f"{tmp_path / 'small.nii.gz'}: does not lie on its image's grid (size [10, 10, 8] != [24, 24, 16])" in \
+        capsys.readouterr().err
     assert main(["bundle", "info", str(tmp_path / "missing-folder")]) == 2
     assert f"{tmp_path / 'missing-folder'}: no such bundle folder" in capsys.readouterr().err
 

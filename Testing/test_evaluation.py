@@ -55,7 +55,8 @@ def test_scores_by_hand_and_unannotated_pairs_left_out(folders, tmp_path, capsys
                  str(labels), "--images", str(images), "--output", str(tmp_path / "report")])
     assert code == 0
     printed = capsys.readouterr().out
-    rows = {(r["case"], r["organ"]): r for r in csv.DictReader(open(tmp_path / "report" / "metrics.csv"))}
+    with open(tmp_path / "report" / "metrics.csv", encoding="utf-8") as handle:
+        rows = {(r["case"], r["organ"]): r for r in csv.DictReader(handle)}
     # Liver in a: overlap 8 x 10 x 10 of two 1000-voxel cubes.
     liver = rows[("a", "liver")]
     assert float(liver["dice"]) == pytest.approx(0.8) and float(liver["jaccard"]) == pytest.approx(800 / 1200)
@@ -65,7 +66,8 @@ def test_scores_by_hand_and_unannotated_pairs_left_out(folders, tmp_path, capsys
     assert ("b", "spleen") not in rows and float(rows[("b", "liver")]["dice"]) == 1.0
     assert "| liver | 2 |" in printed and "| spleen | 1 |" in printed
     report = tmp_path / "report"
-    assert (report / "dice.png").stat().st_size > 1000 and (report / "summary.md").read_text().count("| a |") == 1
+    assert (report / "dice.png").stat().st_size > 1000
+    assert (report / "summary.md").read_text(encoding="utf-8").count("| a |") == 1
     assert sorted(p.name for p in (report / "overlays").iterdir()) == ["a.png", "b.png"]
 
 
@@ -140,13 +142,14 @@ def test_labels_are_matched_by_name_not_by_value(folders, tmp_path, capsys):
     assert main(["evaluate", "--pred", str(pred), "--ref", str(tmp_path / "store"), "--labels", str(model),
                  "--output", str(tmp_path / "report"), "--slices", "0"]) == 0
     captured = capsys.readouterr()
-    rows = {r["organ"]: r for r in csv.DictReader(open(tmp_path / "report" / "metrics.csv"))}
+    with open(tmp_path / "report" / "metrics.csv", encoding="utf-8") as handle:
+        rows = {r["organ"]: r for r in csv.DictReader(handle)}
     assert set(rows) == {"liver", "spleen"}
     assert float(rows["liver"]["dice"]) == pytest.approx(0.8) and rows["liver"]["value"] == "2"  # the store's value
     assert float(rows["spleen"]["dice"]) == 1.0
     said = captured.err + captured.out
     assert "no prediction label of that name: kidney" in said and "not in the reference, ignored: pancreas" in said
-    assert "kidney" in (tmp_path / "report" / "summary.md").read_text()
+    assert "kidney" in (tmp_path / "report" / "summary.md").read_text(encoding="utf-8")
 
 
 def test_a_pairing_without_a_name_in_common_is_refused(folders, tmp_path):
