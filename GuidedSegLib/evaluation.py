@@ -95,7 +95,10 @@ class EvaluationReport:
 
     def pairing_text(self) -> str:
         """Which organs were paired by name, and which names were left out on either side."""
-        text = f"labels matched by name: {_names(self.labels.values())}"
+        if self.unmatched_reference or self.unmatched_prediction:
+            text = f"labels matched by name: {_names(self.labels.values())}"
+        else:
+            text = f"labels matched by name: all {len(self.labels)} organs"
         if self.unmatched_reference:
             text += (f"; not scored, no prediction label of that name: {_names(self.unmatched_reference)}")
         if self.unmatched_prediction:
