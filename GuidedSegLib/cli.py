@@ -214,8 +214,6 @@ def _run_segment(args: argparse.Namespace) -> int:
 def _run_bundle_info(args: argparse.Namespace) -> int:
     from .bundle import describe_bundle, read_metadata, weights_summary
 
-    if not args.bundle.exists():
-        raise GuidedSegError(f"{args.bundle}: no such bundle folder")
     if args.json:
         print(json.dumps({**read_metadata(args.bundle), "weights": weights_summary(args.bundle)}, indent=2))
     else:
