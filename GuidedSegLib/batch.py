@@ -153,8 +153,9 @@ def input_warning(image, path: Path) -> str | None:
     if low == high:
         return f"warning: {path}: holds the one value {low:g} in every voxel, so there is nothing to segment"
     if low >= 0 and high <= 1000 and float(high).is_integer():
-        values = array if array.dtype.kind in "iu" else array.astype(np.int64) if np.all(array == np.round(array)) else None
-        if values is not None:
+        whole = array.dtype.kind in "iu" or bool(np.all(array == np.round(array)))
+        if whole:
+            values = array if array.dtype.kind in "iu" else array.astype(np.int64)
             distinct = int(np.count_nonzero(np.bincount(values.ravel().astype(np.int64), minlength=1)))
             if distinct <= LABEL_MAP_VALUES:
                 return (f"warning: {path}: looks like a label map, not a scan ({distinct} whole values from "

@@ -400,7 +400,9 @@ def overlay_png(image: sitk.Image | None, reference: np.ndarray, prediction: np.
                for v in shown if v in names]
     if handles:
         figure.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-    mean = f"  (mean Dice {np.mean(list(dice_scores.values())):.3f} over {len(dice_scores)} organs)" if dice_scores else ""
+    mean = ""
+    if dice_scores:
+        mean = f"  (mean Dice {np.mean(list(dice_scores.values())):.3f} over {len(dice_scores)} organs)"
     figure.suptitle(case + mean)
     figure.tight_layout(rect=(0, 0, 1 - 2.6 / (3.2 * len(picks) + 2.6), 1))
     buffer = io.BytesIO()

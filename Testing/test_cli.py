@@ -175,13 +175,13 @@ def test_a_closed_pipe_and_a_missing_package_end_in_one_line_not_a_traceback(tmp
     reader.stdout.close()  # as `| head` does once it has its lines
     assert reader.stderr.read() == "" and reader.wait() == 1
     # Without torch installed: one line naming the package and how to get it, from both entry points.
-    hide_torch = "import sys, runpy; sys.modules['torch'] = None; "
-    for code, prog in ((f"sys.argv = ['guidedseg', 'segment', '--model', 'm', '--input', {str(scan(tmp_path / 'img.nii.gz'))!r},"
-                        f" '--output', {str(tmp_path / 'x.nii.gz')!r}]; runpy.run_module('GuidedSegLib.cli', run_name='__main__')",
-                        "guidedseg"),
-                       (f"sys.argv = ['train.py', '--output', {str(tmp_path / 'run')!r}]; "
-                        f"runpy.run_path({str(ROOT / 'Training' / 'train.py')!r}, run_name='__main__')", "train.py")):
-        result = subprocess.run([sys.executable, "-c", hide_torch + code], capture_output=True, text=True, cwd=ROOT)
+    image, output = str(scan(tmp_path / "img.nii.gz")), str(tmp_path / "x.nii.gz")
+    segment = ["guidedseg", "segment", "--model", "m", "--input", image, "--output", output]
+    train = ["train.py", "--output", str(tmp_path / "run")]
+    for argv, run in ((segment, "runpy.run_module('GuidedSegLib.cli', run_name='__main__')"),
+                      (train, f"runpy.run_path({str(ROOT / 'Training' / 'train.py')!r}, run_name='__main__')")):
+        code = f"import sys, runpy; sys.modules['torch'] = None; sys.argv = {argv!r}; {run}"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, result.stderr
-        assert lines[0].startswith(f"{prog}: error: ") and "'torch'" in lines[0] and "make setup" in lines[0]
+        assert lines[0].startswith(f"{argv[0]}: error: ") and "'torch'" in lines[0] and "make setup" in lines[0]

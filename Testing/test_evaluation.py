@@ -118,7 +118,8 @@ def test_refusals_name_the_file_and_write_nothing(folders, tmp_path):
 def bundle_with_labels(folder, labels: dict[int, str]):
     """The part of a model bundle evaluate reads: model.json's label names."""
     folder.mkdir()
-    (folder / "model.json").write_text(json.dumps({"labels": {"0": "background", **{str(v): n for v, n in labels.items()}}}))
+    names = {"0": "background", **{str(v): n for v, n in labels.items()}}
+    (folder / "model.json").write_text(json.dumps({"labels": names}))
     return folder
 
 

@@ -146,7 +146,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return config
 
 
-def resume_config(output: str | Path, path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+def resume_config(output: str | Path, path: str | Path | None = None,
+                  overrides: typing.Sequence[str] = ()) -> TrainConfig:
     """The settings of the run saved in ``output`` (its ``config.yaml``), with any given on the
     command line on top: ``--resume --output RUN`` alone continues the run exactly as it was
     started. The trainer then refuses a setting that differs from the saved one, naming it."""
