@@ -24,7 +24,8 @@ FLARE22_LABELS: dict[int, str] = {
 
 # Display colours (RGB, 0..1): Slicer's GenericAnatomyColors where they tell organs apart, and
 # distinct colours where they do not: the two sides of a paired organ (the kidneys, the adrenal
-# glands, the parotids) and organs that lie side by side in one slice (liver, kidney, aorta, spleen).
+# glands, the parotids) and organs that lie side by side in one slice (liver, kidney, aorta, spleen;
+# brainstem, parotid; spinal cord, mandible).
 _KNOWN_COLOURS: dict[str, tuple[float, float, float]] = {
     "liver": (0.867, 0.510, 0.396),
     "kidney_right": (0.600, 0.250, 0.180),
@@ -42,10 +43,10 @@ _KNOWN_COLOURS: dict[str, tuple[float, float, float]] = {
     "duodenum": (1.000, 0.992, 0.898),
     "left_atrium": (0.808, 0.369, 0.310),
     "brainstem": (0.467, 0.627, 0.784),
-    "spinalcord": (1.000, 0.957, 0.820),
-    "spinal_cord": (1.000, 0.957, 0.820),
+    "spinalcord": (0.945, 0.835, 0.275),
+    "spinal_cord": (0.945, 0.835, 0.275),
     "rightparotid": (0.753, 0.408, 0.345),
-    "leftparotid": (0.345, 0.553, 0.753),
+    "leftparotid": (0.302, 0.686, 0.290),
     "larynx": (0.706, 0.612, 0.773),
     "mandible": (0.898, 0.890, 0.800),
 }

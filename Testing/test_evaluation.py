@@ -190,7 +190,7 @@ def test_seg_nrrd_predictions_carry_their_own_names(folders, tmp_path):
 
 
 def test_paired_and_neighbouring_organs_get_distinct_colours():
-    """The two sides of a paired organ, and any two FLARE22 organs, are told apart in the pictures."""
+    """The two sides of a paired organ, and any two organs of FLARE22 or of OpenKBP, are told apart."""
     from itertools import combinations
 
     from GuidedSegLib.labels import FLARE22_LABELS, label_colour
@@ -201,5 +201,7 @@ def test_paired_and_neighbouring_organs_get_distinct_colours():
     for left, right in (("kidney_left", "kidney_right"), ("adrenal_gland_left", "adrenal_gland_right"),
                         ("LeftParotid", "RightParotid"), ("Parotid_L", "Parotid_R"), ("liver", "spleen")):
         assert apart(left, right) > 0.3, (left, right)
-    closest = min(combinations(FLARE22_LABELS.values(), 2), key=lambda pair: apart(*pair))
-    assert apart(*closest) > 0.15, closest
+    openkbp = ["Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible"]
+    for organs in (FLARE22_LABELS.values(), openkbp):
+        closest = min(combinations(organs, 2), key=lambda pair: apart(*pair))
+        assert apart(*closest) > 0.15, closest
