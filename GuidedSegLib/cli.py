@@ -27,9 +27,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"guidedseg: error: {error}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as error:
+        root = Path(__file__).resolve().parents[1]
         print(f"guidedseg: error: this command needs the Python package '{error.name}', which is not installed "
-              f"for {sys.executable}; install it with: {sys.executable} -m pip install 'guidedseg[train]' "
-              "(or run 'make setup' in the GuidedSeg folder and use .venv/bin/guidedseg)", file=sys.stderr)
+              f"for {sys.executable}; run 'make setup' in {root} and use {root / '.venv' / 'bin' / 'guidedseg'} "
+              f"(or install it here: {sys.executable} -m pip install -e '{root}[train]')", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. piped into head: the reader has gone, say nothing more
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -66,7 +66,7 @@ def _missing(error: ModuleNotFoundError) -> int:
     root = Path(__file__).resolve().parents[1]
     print(f"train.py: error: the Python package '{error.name}' is not installed for {sys.executable}; "
           f"create the environment with 'make setup' in {root} and run .venv/bin/python Training/train.py "
-          "(or install it here: pip install -e '.[train]')", file=sys.stderr)
+          f"(or install it here: {sys.executable} -m pip install -e '{root}[train]')", file=sys.stderr)
     return 2
 
 
