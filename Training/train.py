@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ModuleNotFoundError as error:
         return _missing(error)
+    except KeyboardInterrupt:  # before the loop takes Ctrl-C over (reading the store, preprocessing)
+        print("train.py: interrupted before training started", file=sys.stderr)
+        return 130
     if result.status == "stopped":
         return 128 + int(result.signal or 0)
     return 0
