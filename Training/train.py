@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ModuleNotFoundError as error:
         return _missing(error)
-    except KeyboardInterrupt:  # before the loop takes Ctrl-C over (reading the store, preprocessing)
-        print("train.py: interrupted before training started", file=sys.stderr)
+    except KeyboardInterrupt:  # outside the loop, which turns Ctrl-C into a checkpoint (e.g. preprocessing)
+        print("train.py: interrupted outside the training loop; no new checkpoint was written", file=sys.stderr)
         return 130
     if result.status == "stopped":
         return 128 + int(result.signal or 0)
