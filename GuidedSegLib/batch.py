@@ -152,15 +152,17 @@ def input_warning(image, path: Path) -> str | None:
     low, high = float(array.min()), float(array.max())
     if low == high:
         return f"warning: {path}: holds the one value {low:g} in every voxel, so there is nothing to segment"
-    if low >= 0 and high <= 1000 and float(high).is_integer():
-        whole = array.dtype.kind in "iu" or bool(np.all(array == np.round(array)))
-        if whole:
-            values = array if array.dtype.kind in "iu" else array.astype(np.int64)
-            distinct = int(np.count_nonzero(np.bincount(values.ravel().astype(np.int64), minlength=1)))
-            if distinct <= LABEL_MAP_VALUES:
-                return (f"warning: {path}: looks like a label map, not a scan ({distinct} whole values from "
-                        f"{low:g} to {high:g}); segmenting it anyway")
-    return None
+    if low < 0 or high > 1000 or not high.is_integer():
+        return None
+    present = np.zeros(int(high) + 1, dtype=bool)
+    for plane in array:  # slice by slice: no full-size copy of a large scan
+        if plane.dtype.kind == "f" and not np.array_equal(plane, np.round(plane)):
+            return None
+        present[plane.astype(np.intp)] = True
+        if np.count_nonzero(present) > LABEL_MAP_VALUES:
+            return None
+    return (f"warning: {path}: looks like a label map, not a scan ({np.count_nonzero(present)} whole values from "
+            f"{low:g} to {high:g}); segmenting it anyway")
 
 
 def run_jobs(predictor, jobs: list[Job], reporter: Reporter, lcc: bool = False) -> list[Path]:
