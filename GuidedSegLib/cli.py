@@ -226,7 +226,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_folders
 
     report = evaluate_folders(args.pred, args.ref, args.output, labels=args.labels, ref_labels=args.ref_labels,
-                              images=args.images, slices=args.slices, progress=lambda text: print(text, file=sys.stderr, flush=True))
+                              images=args.images, slices=args.slices,
+                              progress=lambda text: print(text, file=sys.stderr, flush=True))
     print(report.markdown_summary())
     print(f"report written to {args.output}")
     return 0
