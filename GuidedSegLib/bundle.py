@@ -56,6 +56,8 @@ def read_metadata(folder: str | os.PathLike) -> dict:
     """``model.json`` of a bundle, checked for a format this library reads."""
     folder = Path(folder)
     path = folder / METADATA_FILE
+    if not folder.exists():
+        raise BundleError(folder, "no such bundle folder")
     if not path.is_file():
         raise BundleError(folder, f"is not a GuidedSeg model bundle: no {METADATA_FILE}")
     try:

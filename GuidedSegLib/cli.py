@@ -20,10 +20,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.run(args) or 0)
+        code = int(args.run(args) or 0)
+        sys.stdout.flush()  # here, so that a reader gone away (| head) is caught below, not at exit
+        return code
     except GuidedSegError as error:
         print(f"guidedseg: error: {error}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as error:
+        root = Path(__file__).resolve().parents[1]
+        print(f"guidedseg: error: this command needs the Python package '{error.name}', which is not installed "
+              f"for {sys.executable}; run 'make setup' in {root} and use {root / '.venv' / 'bin' / 'guidedseg'} "
+              f"(or install it here: {sys.executable} -m pip install -e '{root}[train]')", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. piped into head: the reader has gone, say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print("guidedseg: interrupted", file=sys.stderr)
         return 130
@@ -51,13 +63,18 @@ def _parser() -> argparse.ArgumentParser:
     segment = commands.add_parser("segment", help="segment scans with a model bundle",
                                   description="Segment a scan, or every scan in a folder, with a model bundle loaded "
                                               "once. Label maps are written on each scan's own grid, atomically; "
-                                              "existing outputs are refused before anything runs.")
+                                              "existing outputs are refused before anything runs (or replaced "
+                                              "with --overwrite).")
     segment.add_argument("--model", type=Path, required=True, help="model bundle folder")
     segment.add_argument("--input", type=Path, required=True,
                          help="image file, DICOM series folder, or a folder of image files")
-    segment.add_argument("--output", type=Path, required=True,
-                         help="label map file (.nii.gz, .nrrd, .seg.nrrd, ...), or a folder for a folder of scans "
-                              "(same file names)")
+    segment.add_argument("--output", required=True,
+                         help="label map file (.nii.gz, .nrrd, .seg.nrrd, ...), or a folder (one that exists, or a name "
+                              "ending in / or without a suffix): each scan's label map goes there under the scan's "
+                              "name. A folder of scans needs an output folder")
+    segment.add_argument("--overwrite", action="store_true",
+                         help="replace outputs that exist (each by a rename once its new version is complete); "
+                              "without it, existing outputs are refused before anything runs")
     segment.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     segment.add_argument("--ensemble", action="store_true", help="average networks A and B of a two-network bundle")
     segment.add_argument("--lcc", action="store_true", help="keep only the largest connected piece of each organ")
@@ -77,13 +94,18 @@ def _parser() -> argparse.ArgumentParser:
         description="Score predicted label maps against reference label maps: per case and organ Dice, Jaccard, "
                     "HD95 and average surface distance in mm (MONAI metrics), mean and SD per organ over the "
                     "(case, organ) pairs whose reference is annotated, written as CSV and Markdown, with a bar "
-                    "chart of Dice per organ and overlay pictures of each case.")
+                    "chart of Dice per organ and overlay pictures of each case. Labels are matched by name "
+                    "(prediction and reference may number their organs differently); names either side lacks "
+                    "are listed, and a pairing without a name in common is refused.")
     evaluate.add_argument("--pred", type=Path, required=True, help="predicted label map, or a folder of them")
     evaluate.add_argument("--ref", type=Path, required=True,
                           help="reference label map, a folder of them, or a case store (its test cases)")
     evaluate.add_argument("--labels", type=Path,
-                          help="label names: a bundle folder, its model.json, or a dataset.json (a store's also "
-                               "gives each case's annotated organs)")
+                          help="label names of the predictions: the model bundle that wrote them, its model.json, "
+                               "or a dataset.json whose values they use (default: the names in .seg.nrrd files)")
+    evaluate.add_argument("--ref-labels", type=Path,
+                          help="label names of a folder of reference files: a dataset.json or a store folder (a "
+                               "store's also gives each case's annotated organs); a store given as --ref names its own")
     evaluate.add_argument("--images", type=Path, help="the scans (file or folder), for the overlay pictures")
     evaluate.add_argument("--output", type=Path, required=True, help="new folder for the report (never overwritten)")
     evaluate.add_argument("--slices", type=int, default=3, help="overlay slices per case (default 3; 0: none)")
@@ -112,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("store", type=Path)
     add.add_argument("--image", type=Path, required=True, help="volume file or DICOM series folder")
     add.add_argument("--label", type=Path, help="label map (.nii.gz, .nrrd, .seg.nrrd, ...); none: unlabeled")
-    add.add_argument("--id", dest="case_id", help="case id (default: the image's file name)")
+    add.add_argument("--case", "--id", dest="case_id", help="case id (default: the image's file name)")
     add.add_argument("--test", action="store_true", help="add as a test case (never used for training)")
     _annotation_arguments(add)
     add.set_defaults(run=_run_add)
@@ -166,7 +188,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     reporter = Reporter(args.progress)
     try:
         with stop_on_signals():
-            jobs = plan_jobs(args.input, args.output)
+            jobs = plan_jobs(args.input, args.output, overwrite=args.overwrite)
             reporter.stage("load", 0, 1, model=str(args.model))
             from .inference import Predictor
 
@@ -203,8 +225,9 @@ def _run_bundle_info(args: argparse.Namespace) -> int:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_folders
 
-    report = evaluate_folders(args.pred, args.ref, args.output, labels=args.labels, images=args.images,
-                              slices=args.slices, progress=lambda text: print(text, file=sys.stderr, flush=True))
+    report = evaluate_folders(args.pred, args.ref, args.output, labels=args.labels, ref_labels=args.ref_labels,
+                              images=args.images, slices=args.slices,
+                              progress=lambda text: print(text, file=sys.stderr, flush=True))
     print(report.markdown_summary())
     print(f"report written to {args.output}")
     return 0
@@ -304,8 +327,10 @@ def _run_history(args: argparse.Namespace) -> int:
     store = CaseStore(args.store)
     for record in store.history(args.case):
         organs = ", ".join(store.labels.get(v, str(v)) for v in record.get("annotated", [])) or "-"
+        absent = ", ".join(store.labels.get(v, str(v)) for v in record.get("absent", []))
         print(f"v{record['version']}  {record.get('time') or '-':<25}  source={record.get('source') or '-'}  "
-              f"model={record.get('model') or '-'}  {record['label']}  annotated: {organs}")
+              f"model={record.get('model') or '-'}  {record['label']}  annotated: {organs}"
+              + (f"  absent: {absent}" if absent else ""))
     return 0
 
 

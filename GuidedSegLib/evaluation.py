@@ -7,6 +7,9 @@ and checked-absent organs; a plain label file counts the organs present in it). 
 organ's bounding box) need both masks non-empty; where one is empty they are left out and the
 count shows it. The report folder holds ``metrics.csv`` (one row per pair), ``summary.md``,
 ``dice.png`` (mean Dice per organ with SD and n) and ``overlays/<case>.png``.
+
+Prediction and reference labels are paired by name, never by value alone: a model's "liver"
+(value 1) is not scored as another data set's value 1. Names the other side lacks are listed.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ import SimpleITK as sitk
 
 from .errors import InputFileError
 from .geometry import Grid
-from .imageio import IMAGE_SUFFIXES, SEGMENTATION_SUFFIX, case_id_from_path, read_image, read_label_map
-from .labels import label_colour
+from .imageio import IMAGE_SUFFIXES, SEGMENTATION_SUFFIX, case_id_from_path, file_suffix, read_image, read_label_map
+from .labels import label_colour, normalise_name
 from .metrics import dice, jaccard
 
 METRICS = ("dice", "jaccard", "hd95_mm", "asd_mm")
@@ -87,6 +90,20 @@ class EvaluationReport:
     labels: dict[int, str]  # organ value -> name (background excluded)
     left_out: dict[int, int] = field(default_factory=dict)  # organ -> cases whose reference lacks it
     cases: list[str] = field(default_factory=list)
+    unmatched_reference: list[str] = field(default_factory=list)  # no prediction label of that name
+    unmatched_prediction: list[str] = field(default_factory=list)  # not in the reference's label set
+
+    def pairing_text(self) -> str:
+        """Which organs were paired by name, and which names were left out on either side."""
+        if self.unmatched_reference or self.unmatched_prediction:
+            text = f"labels matched by name: {_names(self.labels.values())}"
+        else:
+            text = f"labels matched by name: all {len(self.labels)} organs"
+        if self.unmatched_reference:
+            text += (f"; not scored, no prediction label of that name: {_names(self.unmatched_reference)}")
+        if self.unmatched_prediction:
+            text += f"; prediction labels not in the reference, ignored: {_names(self.unmatched_prediction)}"
+        return text
 
     def summary(self) -> dict[int, dict]:
         """Per organ: n, and mean / SD / n of each metric over the pairs where it is defined."""
@@ -105,7 +122,7 @@ class EvaluationReport:
         summary = self.summary()
         lines = [f"Scored {len(self.scores)} (case, organ) pairs over {len(self.cases)} cases; pairs whose "
                  "reference is not annotated are left out. Mean ± SD (n); distances only where both masks "
-                 "are non-empty.", "",
+                 "are non-empty.", "", self.pairing_text() + ".", "",
                  "| organ | n | Dice | Jaccard | HD95 (mm) | ASD (mm) | left out |",
                  "|---|---:|---|---|---|---|---:|"]
 
@@ -140,7 +157,7 @@ class EvaluationReport:
 
 
 # ----------------------------------------------------------------------------------------------
-# pairing files
+# pairing files and labels
 
 
 @dataclass
@@ -151,37 +168,104 @@ class Reference:
     image: Path | None = None
 
 
+@dataclass
+class Pairing:
+    """Which prediction value means which reference organ, matched by name."""
+
+    matched: dict[int, int]  # reference value -> prediction value
+    reference_only: list[str]  # reference organs no prediction label is named after (not scored)
+    prediction_only: list[str]  # prediction labels the reference does not have (ignored)
+
+
+def pair_labels(reference: dict[int, str], prediction: dict[int, str], where: Path) -> Pairing:
+    """Match label values by name (case, spaces, dashes and underscores ignored). Refuses, naming
+    ``where``, a pairing with no name in common: its numbers would score one organ against another."""
+    by_name = {normalise_name(n): v for v, n in prediction.items() if v != 0}
+    matched = {r: by_name[normalise_name(n)] for r, n in reference.items() if normalise_name(n) in by_name}
+    reference_only = [n for r, n in reference.items() if r not in matched]
+    known = {normalise_name(n) for n in reference.values()}
+    prediction_only = [n for v, n in prediction.items() if v != 0 and normalise_name(n) not in known]
+    if not matched:
+        raise InputFileError(where, f"has no label name in common with the reference: the prediction names "
+                                    f"{_names(prediction.values())}, the reference {_names(reference.values())}; "
+                                    "give --labels with the model bundle that wrote the predictions")
+    return Pairing(matched, reference_only, prediction_only)
+
+
+def _names(names) -> str:
+    names = list(names)
+    return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") if names else "nothing"
+
+
+def _is_generic(names: dict[int, str]) -> bool:
+    """True for the names a plain label file without a label set gets (label_1, label_2, ...)."""
+    return all(n == f"label_{v}" for v, n in names.items())
+
+
 def evaluate_folders(pred: Path, ref: Path, output: Path, labels: Path | None = None, images: Path | None = None,
-                     slices: int = 3, progress: Callable[[str], None] | None = None) -> EvaluationReport:
+                     slices: int = 3, progress: Callable[[str], None] | None = None,
+                     ref_labels: Path | None = None) -> EvaluationReport:
     """Score ``pred`` (file or folder) against ``ref`` (file, folder or case store) and write the
-    report into the new folder ``output``. Every prediction is checked before scoring starts."""
+    report into the new folder ``output``.
+
+    Prediction and reference labels are matched by name: the reference's from the store, from
+    ``ref_labels`` (a dataset.json or store folder) or from the files (``.seg.nrrd`` segment
+    names); the prediction's from ``labels`` (the bundle that wrote them, its model.json, or a
+    dataset.json whose values they use) or from the files. Plain label files without names on
+    both sides pair by value. Nothing is written unless every case is scored."""
     output = Path(output)
     if output.exists():
         raise InputFileError(output, "already exists; the report goes into a new folder (nothing is overwritten)")
-    references, names = _references(Path(ref), labels)
+    references, names = _references(Path(ref), ref_labels)
+    prediction_names = _label_names(labels) if labels is not None else None
     predictions = _predictions(Path(pred), references)
     image_paths = _images(images, references)
     say = progress or (lambda text: None)
     scores, left_out, cases, pictures = [], {v: 0 for v in names}, [], {}
+    reference_only: dict[str, None] = {}
+    prediction_only: dict[str, None] = {}
+    matched_values: set[int] = set()
     for index, reference in enumerate(references):
         say(f"[{index + 1}/{len(references)}] {reference.case}")
         ref_map = _checked(read_label_map(reference.label, label_names=names), reference.label, names)
-        pred_map = _checked(read_label_map(predictions[reference.case], label_names=names,
-                                           reference=Grid.of(ref_map.image)), predictions[reference.case], names)
+        path = predictions[reference.case]
+        named_file = file_suffix(path) == SEGMENTATION_SUFFIX
+        if prediction_names is None and not named_file and not _is_generic(names):
+            raise InputFileError(path, f"is a label file without label names, but the reference names its organs "
+                                       f"({_names(names.values())}); give --labels with the model bundle that wrote "
+                                       "it (or a dataset.json whose values it uses), or save it as .seg.nrrd")
+        own = prediction_names if prediction_names is not None else None if named_file else names
+        pred_map = read_label_map(path, label_names=own, reference=Grid.of(ref_map.image))
+        own = {int(v): n for v, n in pred_map.names.items() if int(v) != 0}
+        _checked(pred_map, path, own)
+        pairing = pair_labels(names, own, path)
+        reference_only.update(dict.fromkeys(pairing.reference_only))
+        prediction_only.update(dict.fromkeys(pairing.prediction_only))
+        matched_values |= set(pairing.matched)
         ref_array = sitk.GetArrayViewFromImage(ref_map.image)
-        pred_array = sitk.GetArrayViewFromImage(pred_map.image)
+        lut = np.zeros(max(own, default=0) + 1, dtype=ref_array.dtype)
+        for ref_value, pred_value in pairing.matched.items():
+            lut[pred_value] = ref_value
+        pred_array = lut[sitk.GetArrayViewFromImage(pred_map.image)]  # in the reference's values
         organs = reference.organs if reference.organs is not None else tuple(ref_map.values_present())
-        scored = {v: names[v] for v in names if v in organs}
+        scored = {v: names[v] for v in pairing.matched if v in organs}
         for value in names:
             if value not in scored:
                 left_out[value] += 1
         spacing = ref_map.image.GetSpacing()[::-1]
-        scores += score_organs(pred_array, ref_array, spacing, scored, reference.case)
+        case_scores = score_organs(pred_array, ref_array, spacing, scored, reference.case)
+        scores += case_scores
         cases.append(reference.case)
         if slices > 0:
             image = read_image(image_paths[reference.case]) if reference.case in image_paths else None
-            pictures[reference.case] = overlay_png(image, ref_array, pred_array, names, slices, reference.case)
-    report = EvaluationReport(scores, names, left_out, cases)
+            pictures[reference.case] = overlay_png(image, ref_array, pred_array, names, slices, reference.case,
+                                                   {s.value: s.dice for s in case_scores})
+    # Organs matched in no case are not part of the report; the summary names them instead.
+    kept = {v: n for v, n in names.items() if v in matched_values}
+    report = EvaluationReport(scores, kept, {v: left_out[v] for v in kept}, cases,
+                              unmatched_reference=[n for n in reference_only if n not in kept.values()],
+                              unmatched_prediction=list(prediction_only))
+    say(report.pairing_text())
     _write_report(report, output, pictures)
     return report
 
@@ -189,38 +273,40 @@ def evaluate_folders(pred: Path, ref: Path, output: Path, labels: Path | None = 
 def _references(ref: Path, labels: Path | None) -> tuple[list[Reference], dict[int, str]]:
     from .store import CaseStore
 
-    names = _label_names(labels) if labels is not None else None
-    store = None
+    if not ref.exists():
+        raise InputFileError(ref, "does not exist")
     if ref.is_dir() and (ref / "dataset.json").is_file():
+        if labels is not None:
+            raise InputFileError(labels, f"--ref-labels is for a folder of label files; the store {ref} names "
+                                         "its own labels")
         store = CaseStore(ref)
         refs = [Reference(c.case_id, c.label, tuple(store.annotated_labels(c)) + tuple(c.absent), c.image)
                 for c in store.cases("test") if c.label is not None]
         if not refs:
             raise InputFileError(ref, "is a case store without labeled test cases to evaluate against")
-        names = names or store.labels
-    else:
-        files = _image_files(ref) if ref.is_dir() else [ref]
-        if not files:
-            raise InputFileError(ref, "holds no label files (.nii.gz, .nii, .nrrd, .seg.nrrd, .mha, .mhd)")
-        store_root = labels if labels is not None and labels.is_dir() else labels.parent if labels else None
-        if store_root is not None and (store_root / "dataset.json").is_file():
-            store = CaseStore(store_root)
-        refs = []
-        for path in files:
-            if not path.is_file():
-                raise InputFileError(path, "does not exist")
-            case = case_id_from_path(path)
-            organs = None
-            if store is not None and case in store and store.case(case).label is not None:
-                known = store.case(case)
-                organs = tuple(store.annotated_labels(known)) + tuple(known.absent)
-            refs.append(Reference(case, path, organs))
-    if names is None:
-        values = set()
+        return refs, dict(store.organs)
+    names = _label_names(labels) if labels is not None else None
+    files = _image_files(ref) if ref.is_dir() else [ref]
+    if not files:
+        raise InputFileError(ref, "holds no label files (.nii.gz, .nii, .nrrd, .seg.nrrd, .mha, .mhd)")
+    store_root = labels if labels is not None and labels.is_dir() else labels.parent if labels else None
+    store = CaseStore(store_root) if store_root is not None and (store_root / "dataset.json").is_file() else None
+    refs = []
+    for path in files:
+        case = case_id_from_path(path)
+        organs = None
+        if store is not None and case in store and store.case(case).label is not None:
+            known = store.case(case)
+            organs = tuple(store.annotated_labels(known)) + tuple(known.absent)
+        refs.append(Reference(case, path, organs))
+    if names is None:  # the files' own names: segment names of .seg.nrrd files, label_<value> otherwise
+        names, seen = {}, {}
         for reference in refs:
-            values |= set(read_label_map(reference.label).values_present())
-        names = {v: f"label_{v}" for v in sorted(values)}
-    return refs, {int(v): n for v, n in names.items() if int(v) != 0}
+            for value, name in read_label_map(reference.label).names.items():
+                if normalise_name(name) not in seen:
+                    value = value if value not in names else max(names) + 1
+                    names[value] = seen[normalise_name(name)] = name
+    return refs, {int(v): n for v, n in sorted(names.items()) if int(v) != 0}
 
 
 def _checked(label, path: Path, names: dict[int, str]):
@@ -236,7 +322,7 @@ def _label_names(path: Path) -> dict[int, str]:
         file = path / "model.json" if (path / "model.json").is_file() else path / "dataset.json"
     try:
         data = json.loads(Path(file).read_text(encoding="utf-8"))
-        return {int(v): str(n) for v, n in data["labels"].items()}
+        return {int(v): str(n) for v, n in data["labels"].items() if int(v) != 0}
     except (OSError, ValueError, KeyError, AttributeError) as error:
         raise InputFileError(file, f"has no readable 'labels' mapping of values to names ({error})") from None
 
@@ -276,14 +362,18 @@ def _images(images: Path | None, references: list[Reference]) -> dict[str, Path]
 
 
 def overlay_png(image: sitk.Image | None, reference: np.ndarray, prediction: np.ndarray, names: dict[int, str],
-                slices: int, case: str) -> bytes:
+                slices: int, case: str, dice_scores: dict[int, float] | None = None) -> bytes:
     """PNG of ``slices`` axial slices through the reference's organs: reference on top,
-    prediction below, each organ in its colour over the scan (or a blank field)."""
+    prediction below, each organ in its colour over the scan (or a blank field), with a legend
+    of the organs shown and their Dice in this case (``dice_scores``: value -> Dice of the
+    scored organs; the others are marked not scored)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
+    dice_scores = dice_scores or {}
     foreground = np.flatnonzero((reference > 0).any(axis=(1, 2)) | (prediction > 0).any(axis=(1, 2)))
     if foreground.size == 0:
         foreground = np.arange(reference.shape[0])
@@ -292,7 +382,7 @@ def overlay_png(image: sitk.Image | None, reference: np.ndarray, prediction: np.
     lut = np.zeros((max(max(names, default=0), int(reference.max()), int(prediction.max())) + 1, 4))
     for value, name in names.items():
         lut[value] = (*label_colour(name), 0.55)
-    figure, axes = plt.subplots(2, len(picks), figsize=(3.2 * len(picks), 6.4), squeeze=False)
+    figure, axes = plt.subplots(2, len(picks), figsize=(3.2 * len(picks) + 2.6, 6.4), squeeze=False)
     for column, z in enumerate(picks):
         for row, (title, labels) in enumerate((("reference", reference), ("prediction", prediction))):
             ax = axes[row, column]
@@ -304,8 +394,17 @@ def overlay_png(image: sitk.Image | None, reference: np.ndarray, prediction: np.
             ax.imshow(lut[labels[z]])
             ax.set_title(f"{title}, slice {z}", fontsize=9)
             ax.axis("off")
-    figure.suptitle(case)
-    figure.tight_layout()
+    shown = sorted(set(np.unique(reference[picks])) | set(np.unique(prediction[picks])) | set(dice_scores))
+    handles = [Patch(facecolor=label_colour(names[v]), edgecolor="black", linewidth=0.5,
+                     label=f"{names[v]}  " + (f"Dice {dice_scores[v]:.3f}" if v in dice_scores else "not scored"))
+               for v in shown if v in names]
+    if handles:
+        figure.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    mean = ""
+    if dice_scores:
+        mean = f"  (mean Dice {np.mean(list(dice_scores.values())):.3f} over {len(dice_scores)} organs)"
+    figure.suptitle(case + mean)
+    figure.tight_layout(rect=(0, 0, 1 - 2.6 / (3.2 * len(picks) + 2.6), 1))
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=80)
     plt.close(figure)

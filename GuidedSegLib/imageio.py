@@ -313,15 +313,21 @@ def read_label_map(
     own label values (numbered in segment order when layers overlap).
 
     ``reference`` is the grid of the image the labels belong to: a label map on the same grid
-    takes it exactly; one saved on a whole-voxel sub-block or super-block of it (Slicer crops
-    ``.seg.nrrd`` files to their content) is placed onto it without interpolation; anything
-    else is refused.
+    takes it exactly; a ``.seg.nrrd`` saved on a whole-voxel sub-block or super-block of it
+    (Slicer crops them to their content) is placed onto it without interpolation; anything
+    else is refused, a plain label file of another size too.
     """
     p = Path(path)
     if not p.exists():
         raise InputFileError(path, "no such file")
     if file_suffix(p) != SEGMENTATION_SUFFIX:
-        return label_map_from_image(read_image(p), p, label_names=label_names, reference=reference)
+        image = read_image(p)
+        mismatch = reference.mismatch(Grid.of(image)) if reference is not None else None
+        if mismatch is not None:  # only Slicer's .seg.nrrd is saved on a part of the image's grid
+            raise InputFileError(p, f"does not lie on its image's grid ({mismatch}); a label file must have the "
+                                    "image's size, spacing, origin and direction (only a Slicer .seg.nrrd may "
+                                    "cover a part of it)")
+        return label_map_from_image(image, p, label_names=label_names, reference=reference)
     label = _read_segmentation_file(p, label_names)
     if reference is not None:
         label.image = _onto_reference(label.image, reference, p)

@@ -22,28 +22,31 @@ FLARE22_LABELS: dict[int, str] = {
     13: "kidney_left",
 }
 
-# Colours close to Slicer's GenericAnatomyColors for the same structures (RGB, 0..1).
+# Display colours (RGB, 0..1): Slicer's GenericAnatomyColors where they tell organs apart, and
+# distinct colours where they do not: the two sides of a paired organ (the kidneys, the adrenal
+# glands, the parotids) and organs that lie side by side in one slice (liver, kidney, aorta, spleen;
+# brainstem, parotid; spinal cord, mandible).
 _KNOWN_COLOURS: dict[str, tuple[float, float, float]] = {
     "liver": (0.867, 0.510, 0.396),
-    "kidney_right": (0.725, 0.400, 0.325),
-    "kidney_left": (0.725, 0.400, 0.325),
-    "kidney": (0.725, 0.400, 0.325),
-    "spleen": (0.616, 0.424, 0.635),
+    "kidney_right": (0.600, 0.250, 0.180),
+    "kidney_left": (0.976, 0.855, 0.180),
+    "kidney": (0.600, 0.250, 0.180),
+    "spleen": (0.435, 0.259, 0.757),
     "pancreas": (0.976, 0.706, 0.435),
-    "aorta": (0.878, 0.380, 0.298),
+    "aorta": (0.863, 0.078, 0.176),
     "inferior_vena_cava": (0.000, 0.592, 0.808),
     "adrenal_gland_right": (0.863, 0.961, 0.078),
-    "adrenal_gland_left": (0.863, 0.961, 0.078),
+    "adrenal_gland_left": (0.180, 0.800, 0.443),
     "gallbladder": (0.545, 0.588, 0.384),
     "esophagus": (0.827, 0.671, 0.561),
-    "stomach": (0.847, 0.514, 0.455),
+    "stomach": (0.945, 0.600, 0.757),
     "duodenum": (1.000, 0.992, 0.898),
     "left_atrium": (0.808, 0.369, 0.310),
     "brainstem": (0.467, 0.627, 0.784),
-    "spinalcord": (1.000, 0.957, 0.820),
-    "spinal_cord": (1.000, 0.957, 0.820),
+    "spinalcord": (0.945, 0.835, 0.275),
+    "spinal_cord": (0.945, 0.835, 0.275),
     "rightparotid": (0.753, 0.408, 0.345),
-    "leftparotid": (0.753, 0.408, 0.345),
+    "leftparotid": (0.302, 0.686, 0.290),
     "larynx": (0.706, 0.612, 0.773),
     "mandible": (0.898, 0.890, 0.800),
 }

@@ -23,6 +23,7 @@ complete files; at worst an unreferenced file is left behind.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import os
@@ -433,8 +434,10 @@ class CaseStore:
             if value is None and isinstance(item, str) and item.strip().isdigit():
                 value = int(item)
             if value not in self.organs:
+                close = difflib.get_close_matches(normalise_name(str(item)), list(by_name), n=1)
+                hint = f"; did you mean {self.organs[by_name[close[0]]]!r}?" if close else ""
                 raise InputFileError(where, f"{item!r} is not an organ of the store's label set "
-                                            f"{sorted(self.organs.values())}")
+                                            f"{sorted(self.organs.values())}{hint}")
             values.append(int(value))
         return values
 

@@ -79,6 +79,20 @@ def test_supervised_training_learns_the_organs(three_organ_run):
     events = [json.loads(line) for line in out.splitlines()]
     assert events[-1] == {"stage": "done", "progress": 1.0, "bundle": str(output / "bundle")}
     assert any(e["stage"] == "train" and "eta_s" in e for e in events)
+    # Validation reports each case and its sliding-window steps (the panel reads these lines).
+    validating = [e for e in events if e["stage"] == "validate"]
+    assert validating and all({"case", "index", "total", "step", "steps"} <= set(e) for e in validating)
+    assert validating[0]["step"] == 0 and validating[0]["steps"] > 0 and 0 <= validating[-1]["progress"] < 1
+    # Supervised training uses no unlabeled case, and says so instead of counting them.
+    assert "0 unlabeled (2 unlabeled not used)" in out and model["training"]["unlabeled"] == 0
+
+
+def test_a_progress_bar_saved_to_a_log_is_lines_with_validation_progress(phantom_store, cache, tmp_path):
+    code, out, err = run_train(phantom_store, tmp_path / "run", cache, "optim.iterations=2", "validation.every=1",
+                               "--progress", "bar", method="supervised")
+    assert code == 0, err
+    assert "\r" not in err, "carriage returns in a log saved to a file"
+    assert "training: 2/2 it" in err and "validate=1/1 phantom_" in err
 
 
 def test_bundle_holds_what_inference_needs(phantom_store, cache, tmp_path):
@@ -127,12 +141,30 @@ def test_resume_after_kill_continues_exactly(phantom_store, cache, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert not (crashed / "bundle").exists(), "killed before the end yet a bundle was written"
-    code, out, err = run_train(phantom_store, crashed, cache, "optim.iterations=6", "checkpoint_every=2", resume=True)
+    # As the stop message says: --output and --resume alone; every setting comes from the saved run.
+    code, out, err = resume_only(crashed)
     assert code == 0, err
     assert "resuming" in out
     resumed = losses(crashed)
     assert sorted(resumed) == list(range(1, 7))
     assert resumed == expected, f"resumed losses differ:\n{resumed}\n{expected}"
+
+    # A finished run resumed says so and writes nothing.
+    before = {p: p.stat().st_mtime_ns for p in crashed.rglob("*")}
+    code, out, err = resume_only(crashed)
+    assert code == 0, err
+    assert "the run is complete" in out and str(crashed / "bundle") in out
+    assert {p: p.stat().st_mtime_ns for p in crashed.rglob("*")} == before
+    # Changing a setting while resuming is refused, naming the setting and both values.
+    code, out, err = resume_only(crashed, "optim.iterations=8")
+    assert code == 2 and "optim.iterations 6 -> 8" in err and len(err.strip().splitlines()) == 1
+
+
+def resume_only(output: Path, *overrides: str):
+    result = subprocess.run([sys.executable, str(ROOT / "Training" / "train.py"), "--output", str(output), "--resume",
+                             "--progress", "json", *overrides], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    return result.returncode, result.stdout, result.stderr
 
 
 def test_sigterm_stops_cleanly_with_a_checkpoint(phantom_store, cache, tmp_path):
@@ -144,7 +176,7 @@ def test_sigterm_stops_cleanly_with_a_checkpoint(phantom_store, cache, tmp_path)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, err
-    assert "continue with --resume" in out
+    assert f"continue with --resume: python Training/train.py --output {output} --resume" in out
     import torch
 
     state = torch.load(output / "checkpoint.pt", weights_only=True)
@@ -275,6 +307,10 @@ def test_config_typo_is_refused_by_the_command(tmp_path):
     assert result.returncode == 2
     assert "unknown setting 'optim.iteratons'; did you mean 'optim.iterations'?" in result.stderr
     assert not (tmp_path / "r").exists()
+    result = subprocess.run([sys.executable, str(ROOT / "Training" / "train.py"), "--output", str(tmp_path / "r"),
+                             "--store", str(tmp_path / "no-store")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "no-store: no such store folder" in result.stderr
+    assert not (tmp_path / "r").exists(), "a refused run left its output folder behind"
     with pytest.raises(ConfigError, match="network.feature_layer 5 must be in 1..3"):
         load_config(None, ["network.widths=[4,8,16,32]", "network.feature_layer=5"])
     with pytest.raises(ConfigError, match="data.patch"):

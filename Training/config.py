@@ -130,19 +130,22 @@ class TrainConfig:
         return MethodOptions.preset(self.method, **dataclasses.asdict(self.objective))
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
-    """Defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as YAML)."""
-    data: dict = {}
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (),
+                base: dict | None = None) -> TrainConfig:
+    """Defaults (or the settings in ``base``), then the YAML file, then ``section.key=value``
+    overrides (values parsed as YAML)."""
+    data: dict = _merge({}, base or {})
     if path is not None:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text()) or {}
         except OSError as error:
             raise ConfigError(f"{path}: cannot be read ({error.strerror})") from None
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: is not valid YAML ({str(error).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: must hold a mapping of settings, not {type(data).__name__}")
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: must hold a mapping of settings, not {type(loaded).__name__}")
+        data = _merge(data, loaded)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -157,6 +160,37 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     config = _build(TrainConfig, data, "")
     check(config)
     return config
+
+
+def resume_config(output: str | Path, path: str | Path | None = None,
+                  overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """The settings of the run saved in ``output`` (its ``config.yaml``), with any given on the
+    command line on top: ``--resume --output RUN`` alone continues the run exactly as it was
+    started. The trainer then refuses a setting that differs from the saved one, naming it."""
+    output = Path(output)
+    saved_file = output / "config.yaml"
+    if not saved_file.is_file():
+        what = "no such folder" if not output.exists() else "no config.yaml"
+        raise ConfigError(f"{output}: nothing to resume ({what}); start without --resume")
+    try:
+        saved = yaml.safe_load(saved_file.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{saved_file}: cannot be read ({str(error).splitlines()[0]})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{saved_file}: must hold a mapping of settings")
+    saved["output"] = str(output)  # where the run is now, even if it was moved
+    try:
+        return load_config(path, overrides, base=saved)
+    except ConfigError as error:
+        raise ConfigError(f"resuming {output}: {error}") from None
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """A copy of ``base`` with ``extra`` merged in, section by section."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def check(config: TrainConfig) -> None:

@@ -67,5 +67,5 @@ fi
 echo
 echo "== 8. evaluate against the test labels: Dice, Jaccard, HD95, ASD; CSV, Markdown, pictures"
 rm -rf "$out/evaluation"
-"$guidedseg" evaluate --pred "$out/segmentations" --ref "$store" --output "$out/evaluation"
+"$guidedseg" evaluate --pred "$out/segmentations" --ref "$store" --labels "$run/bundle" --output "$out/evaluation"
 echo "(open $out/evaluation/dice.png and $out/evaluation/overlays/ to see the results)"

@@ -3,11 +3,12 @@
     python Training/train.py                                  # small GuidedNet on fresh phantoms
     python Training/train.py --store STORE --method cps --output runs/cps optim.iterations=2000
     python Training/train.py --config Training/configs/guidednet-paper.yaml --store STORE
-    python Training/train.py --output runs/cps --resume       # continue after a crash or Ctrl-C
+    python Training/train.py --output runs/cps --resume       # continue after a crash or Ctrl-C (settings as saved)
     torchrun --nproc_per_node 2 Training/train.py ...         # several GPUs (or CPU processes)
 
 Settings: the defaults, then --config YAML, then the flags below, then ``section.key=value``
-overrides (see Training/config.py and Training/configs/). Ctrl-C or SIGTERM stops cleanly with a
+overrides (see Training/config.py and Training/configs/). With --resume they start from the run's
+saved config.yaml instead of the defaults; a setting given that differs from the saved one is refused. Ctrl-C or SIGTERM stops cleanly with a
 checkpoint; the exit code is then 128 + the signal number.
 """
 
@@ -18,9 +19,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from GuidedSegLib.errors import GuidedSegError
-from Training.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,23 +31,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="run folder: checkpoints, logs, bundle")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output from its checkpoint, with the settings it saved")
     parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                         help="a progress bar, JSON lines on stdout (for the Slicer panel), or none (messages and the final table only)")
     args = parser.parse_args(argv)
     flags = [f"{k}={v}" for k, v in (("store", args.store), ("method", args.method), ("output", args.output),
                                        ("device", args.device), ("seed", args.seed)) if v is not None]
     try:
-        config = load_config(args.config, flags + args.overrides)
+        from GuidedSegLib.errors import GuidedSegError
+        from Training.config import TrainConfig, load_config, resume_config
+    except ModuleNotFoundError as error:
+        return _missing(error)
+    try:
+        if args.resume:
+            config = resume_config(args.output or TrainConfig().output, args.config, flags + args.overrides)
+        else:
+            config = load_config(args.config, flags + args.overrides)
         from Training.trainer import train
 
         result = train(config, resume=args.resume, progress=args.progress)
     except GuidedSegError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as error:
+        return _missing(error)
+    except KeyboardInterrupt:  # outside the loop, which turns Ctrl-C into a checkpoint (e.g. preprocessing)
+        print("train.py: interrupted outside the training loop; no new checkpoint was written", file=sys.stderr)
+        return 130
     if result.status == "stopped":
         return 128 + int(result.signal or 0)
     return 0
+
+
+def _missing(error: ModuleNotFoundError) -> int:
+    """One line instead of a traceback when a package is not installed in this Python."""
+    root = Path(__file__).resolve().parents[1]
+    print(f"train.py: error: the Python package '{error.name}' is not installed for {sys.executable}; "
+          f"create the environment with 'make setup' in {root} and run .venv/bin/python Training/train.py "
+          f"(or install it here: {sys.executable} -m pip install -e '{root}[train]')", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from GuidedSegLib.bundle import write_bundle
 from GuidedSegLib.devices import DeviceError, resolve_device
 from GuidedSegLib.errors import GuidedSegError
 from GuidedSegLib.imageio import atomic_path
+from GuidedSegLib.inference import count_windows
 from GuidedSegLib.labels import label_colour, mirror_permutation
 from GuidedSegLib.methods import Batch, build_method
 from GuidedSegLib.metrics import per_class_dice, summarise
@@ -125,14 +126,15 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
             raise TrainingSetupError(f"{output}: nothing to resume (no {CHECKPOINT}); start without --resume")
         saved = yaml.safe_load(config_file.read_text())
         _check_resume_config(saved, config.to_dict(), output)
+        finished = _finished(output, config.optim.iterations)
+        if finished is not None:
+            report.message(f"{output}: the run is complete ({config.optim.iterations} iterations) and its bundle "
+                           f"is {finished.bundle}; nothing to resume, nothing was written")
+            report.emit({"stage": "done", "progress": 1.0, "bundle": str(finished.bundle), "complete": True})
+            return finished
     elif (output / CHECKPOINT).exists():
         raise TrainingSetupError(f"{output}: holds a checkpoint of an earlier run; pass --resume to continue "
                                  "it, or choose another output folder")
-    if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            with atomic_path(config_file) as tmp:
-                tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     store = _open_store(config, output, report, rank)
     splits = store.splits(validation_fraction=_validation_fraction(config, store))
@@ -141,6 +143,11 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
         raise TrainingSetupError(f"{store.root}: has no labeled training case "
                                  f"({len(store.cases('labeled'))} labeled, {len(splits.validation)} of them for "
                                  "validation); add labeled cases with 'guidedseg store add' or 'ingest'")
+    if rank == 0:  # only once the store is known to be usable: a refused run leaves no folder behind
+        output.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            with atomic_path(config_file) as tmp:
+                tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     if config.method != "supervised" and not splits.unlabeled and config.data.unlabeled_batch > 0:
         report.message(f"note: {store.root} has no unlabeled case; {config.method} learns from labeled crops only")
 
@@ -148,8 +155,9 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     cache = Path(config.data.cache) if config.data.cache else output / "cache"
     class_values = _classes(store, labeled_ids, output, resume, report, rank)
     data = TrainingData(store, plan, cache, config.data.partial_labels, class_values)
+    unlabeled_ids = [] if config.method == "supervised" else splits.unlabeled  # supervised learns from labels only
     groups = {"train": [store.case(i) for i in labeled_ids], "validation": [store.case(i) for i in splits.validation],
-              "unlabeled": [store.case(i) for i in splits.unlabeled], "monitor": _monitor_cases(config, store, splits)}
+              "unlabeled": [store.case(i) for i in unlabeled_ids], "monitor": _monitor_cases(config, store, splits)}
     if rank != 0:
         torch.distributed.barrier()  # rank 0 fills the cache first; the others then read it
     prepared = {kind: data.prepare(cases, lambda i, n, cid, k=kind: report.stage(f"prepare-{k}", i, n, case=cid))
@@ -212,7 +220,8 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
 
     total = config.optim.iterations
     log = MetricLog(output, start, rank == 0)
-    report.message(f"{method_name}: {len(labeled_ids)} labeled, {len(splits.unlabeled)} unlabeled, "
+    unused = f" ({len(splits.unlabeled)} unlabeled not used)" if len(unlabeled_ids) < len(splits.unlabeled) else ""
+    report.message(f"{method_name}: {len(labeled_ids)} labeled, {len(unlabeled_ids)} unlabeled{unused}, "
                    f"{len(splits.validation)} validation cases; patch {list(patch)} (z, y, x); "
                    f"{total} iterations on {device}" + (f" x {world} processes" if world > 1 else ""))
     loader = torch.utils.data.DataLoader(IterationBatches(sampler, start, total, rank, world), batch_size=None,
@@ -294,8 +303,9 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     report.close()
     log.close()
     if stopped is not None:
+        script = os.path.relpath(Path(__file__).with_name("train.py"))
         report.message(f"stopped by signal {stopped} after iteration {iteration + 1}; checkpoint saved in "
-                       f"{output / CHECKPOINT}; continue with --resume")
+                       f"{output / CHECKPOINT}; continue with --resume: python {script} --output {output} --resume")
         return Result("stopped", iteration + 1, None, best["validation"], stopped)
 
     bundle = None
@@ -502,9 +512,24 @@ def _patch(config: TrainConfig, cases, plan: PreprocessingPlan, divisor: int) ->
     return tuple(patch)
 
 
+def _finished(output: Path, total: int) -> Result | None:
+    """The result of a run whose checkpoint is at its last iteration and whose bundle was written
+    (the newest ``bundle*`` folder), else None."""
+    state = torch.load(output / CHECKPOINT, map_location="cpu", weights_only=True)
+    if int(state["iteration"]) < total:
+        return None
+    bundles = [p for p in output.glob("bundle*") if (p / "model.json").is_file()
+               and (p.name == "bundle" or p.name.removeprefix("bundle-").isdigit())]
+    if not bundles:
+        return None  # stopped between the last checkpoint and the bundle: resuming writes it
+    newest = max(bundles, key=lambda p: int(p.name.removeprefix("bundle-")) if "-" in p.name else 1)
+    return Result("finished", total, newest, json.loads(state["best_validation"]))
+
+
 def _check_resume_config(saved: dict, current: dict, output: Path) -> None:
-    """A resumed run must be the same run: only where it logs or how many workers may change."""
-    free = {"device", "data.workers", "log_every", "checkpoint_every", "gradients_every"}
+    """A resumed run must be the same run: only where it logs or how many workers may change
+    (and where its folder is now)."""
+    free = {"output", "device", "data.workers", "log_every", "checkpoint_every", "gradients_every"}
 
     def flat(d, prefix=""):
         for k, v in d.items():
@@ -571,13 +596,24 @@ def _validate(method, cases, patch, config: TrainConfig, device, class_values, r
     names = ["A", "B"] if config.validation.ensemble and "B" in method.networks else ["A"]
     networks = [method.networks[n] for n in names]
 
-    def predict(x):
+    def average(x):
         return sum(torch.softmax(net(x)[0].float(), 1) for net in networks) / len(networks)
 
     scores, ratios = [], []
+    stride = tuple(max(1, int(p * (1 - config.validation.overlap))) for p in patch)
     for index, case in enumerate(cases):
-        report.stage(stage, index, len(cases), case=case.case_id)
         image = torch.from_numpy(np.array(case.image(), dtype=np.float32))[None, None].to(device)
+        steps = count_windows(tuple(image.shape[2:]), tuple(patch), stride)
+        report.part(stage, index, len(cases), case.case_id, 0, steps)
+        shown = {"windows": 0, "time": time.monotonic()}
+
+        def predict(x, index=index, case=case, steps=steps):  # the windows done, at most once a second
+            shown["windows"] = min(steps, shown["windows"] + len(x))
+            if time.monotonic() - shown["time"] >= 1.0:
+                shown["time"] = time.monotonic()
+                report.part(stage, index, len(cases), case.case_id, shown["windows"], steps)
+            return average(x)
+
         probabilities = sliding_window_inference(image, patch, 2, predict, overlap=config.validation.overlap,
                                                  mode="gaussian")
         prediction = probabilities.argmax(1)[0].cpu().numpy()
@@ -638,7 +674,7 @@ def _write_bundle(config, method, store, plan, patch, class_values, best, labele
             "store": str(store.root), "store_name": store.name,
             "labeled": {cid: store.case(cid).label_version for cid in labeled_ids},
             "validation": {cid: store.case(cid).label_version for cid in splits.validation},
-            "unlabeled": len(splits.unlabeled),
+            "unlabeled": 0 if config.method == "supervised" else len(splits.unlabeled),
             "not_trained": {str(v): labels[v] for v in store.organs if v not in class_values},
             "iterations": config.optim.iterations,
             "best_iteration": best["iteration"] if splits.validation else config.optim.iterations,
