@@ -163,7 +163,10 @@ def test_segment_runs_in_the_background_and_becomes_named_segments(panel):
     node = final.result
     assert p.segmentation is node and node.GetAttribute(nodes.MODEL_NAME_ATTRIBUTE) == "tiny"
     assert sorted(name for _, name in nodes.segments(node)) == ["kidney_left", "liver", "spleen"]
-    assert not job.input.exists() and job.output.is_file()  # the draft stays for edit detection
+    assert not job.folder.exists()  # nothing left in the temporary folder: the draft is in the scene
+    draft = nodes.draft_node(node)
+    assert draft is not None and draft.GetHideFromEditors() and draft.GetScene() is logic.scene
+    assert final.elapsed_s is not None and final.elapsed_s > 0
     view = state.view(logic.state())
     assert view.segment_text == "Segment" and view.correct_enabled and not view.export_enabled  # no store yet
 
@@ -249,3 +252,82 @@ def test_export_and_train_from_the_panel(panel, tmp_path):
     assert final.ok and final.result == job.output / "bundle"
     assert p.model == str(job.output / "bundle") and logic.selected_model().name == "trained-guidednet"
     assert [m.name for m in logic.models] == ["tiny", "trained-guidednet"]
+
+
+def paint(logic, node, volume, name, mask):
+    """What painting in the Segment Editor leaves: segment ``name`` now holds exactly ``mask``."""
+    scene, seg_logic = logic.scene, logic.segmentations_logic
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    labelmap.CopyOrientation(volume)
+    slicer.util.updateVolumeFromArray(labelmap, mask.astype(np.uint8))
+    old = node.GetSegmentation().GetSegmentIdBySegmentName(name)
+    assert seg_logic.ImportLabelmapToSegmentationNode(labelmap, node, "edited")
+    new = node.GetSegmentation().GetNthSegmentID(node.GetSegmentation().GetNumberOfSegments() - 1)
+    node.GetSegmentation().RemoveSegment(old)
+    node.GetSegmentation().GetSegment(new).SetName(name)
+    scene.RemoveNode(labelmap)
+
+
+def liver_of(logic, node, volume):
+    segment = node.GetSegmentation().GetSegmentIdBySegmentName("liver")
+    return nodes.segment_mask(node, segment, volume, logic.segmentations_logic, logic.scene)
+
+
+def test_segment_again_goes_into_a_new_node_and_the_correction_survives(panel):
+    logic, volume, _, label, _ = panel
+    p = logic.parameters
+    p.input_volume, p.model = volume, str(Path(logic.models_folder) / "tiny")
+    logic.start_segment()
+    first = run_until_finished(logic, "segment")[-1].result
+    corrected = sitk.GetArrayFromImage(label) == 1
+    corrected[:4] = False
+    paint(logic, first, volume, "liver", corrected)
+
+    assert logic.start_segment() is not None  # no question: nothing is replaced
+    second = run_until_finished(logic, "segment")[-1].result
+    assert second.GetID() != first.GetID() and p.segmentation is second
+    assert first.GetScene() is logic.scene and np.array_equal(liver_of(logic, first, volume), corrected)
+    assert np.array_equal(liver_of(logic, second, volume), sitk.GetArrayFromImage(label) == 1)
+    assert second.GetName() != first.GetName()
+    assert logic.corrections(first) == ["liver"] and logic.corrections(second) == []
+
+
+def test_replacing_a_corrected_node_asks_first_and_no_means_nothing_runs(panel):
+    logic, volume, _, label, _ = panel
+    p = logic.parameters
+    p.input_volume, p.model = volume, str(Path(logic.models_folder) / "tiny")
+    logic.start_segment()
+    node = run_until_finished(logic, "segment")[-1].result
+    old_draft = nodes.draft_node(node)
+    # replacing an uncorrected node asks nothing and keeps the node
+    p.replace_segmentation = True
+    assert logic.start_segment() is not None
+    assert run_until_finished(logic, "segment")[-1].result is node and old_draft.GetScene() is None
+
+    corrected = sitk.GetArrayFromImage(label) == 1
+    corrected[:4] = False
+    paint(logic, node, volume, "liver", corrected)
+    questions = []
+    assert logic.start_segment() is None  # no way to ask: nothing runs
+    assert logic.start_segment(confirm_replace=lambda q: questions.append(q) or False) is None
+    assert not logic.running("segment") and "liver" in questions[0] and node.GetName() in questions[0]
+    assert np.array_equal(liver_of(logic, node, volume), corrected)
+
+    assert logic.start_segment(confirm_replace=lambda q: True) is not None  # the user agreed
+    assert run_until_finished(logic, "segment")[-1].result is node
+    assert np.array_equal(liver_of(logic, node, volume), sitk.GetArrayFromImage(label) == 1)
+
+
+def test_a_correction_made_while_the_model_runs_is_not_replaced(panel):
+    logic, volume, _, label, _ = panel
+    p = logic.parameters
+    p.input_volume, p.model = volume, str(Path(logic.models_folder) / "tiny")
+    logic.start_segment()
+    node = run_until_finished(logic, "segment")[-1].result
+    p.replace_segmentation = True
+    assert logic.start_segment() is not None  # no corrections yet: no question
+    corrected = sitk.GetArrayFromImage(label) == 1
+    corrected[:4] = False
+    paint(logic, node, volume, "liver", corrected)  # painted while the child runs
+    result = run_until_finished(logic, "segment")[-1].result
+    assert result.GetID() != node.GetID() and np.array_equal(liver_of(logic, node, volume), corrected)

@@ -14,8 +14,8 @@ from pathlib import Path
 from GuidedSegLib.errors import GuidedSegError
 from GuidedSegLib.store import CaseStore
 
-from . import commands, install, models
-from .export import ExportPlan, perform_export, plan_export
+from . import commands, install, models, nodes
+from .export import ExportPlan, edited_segments, perform_export, plan_export
 from .jobs import DeviceProbe, SegmentJob, TrainJob, Update
 from .parameters import PanelParameters, parameter_node
 from .process import ChildProcess
@@ -81,7 +81,14 @@ class PanelLogic:
     def running(self, task: str) -> bool:
         return task in self.jobs
 
-    def start_segment(self) -> SegmentJob:
+    def start_segment(self, confirm_replace=None) -> SegmentJob | None:
+        """Start segmenting the chosen volume with the chosen model.
+
+        The result goes into a new segmentation node, unless "replace" is chosen and the chosen
+        segmentation belongs to this volume. Replacing a node whose segments differ from its model
+        draft (the annotator's corrections) asks ``confirm_replace(question)`` first; without a
+        callback, or when it says no, nothing starts and None is returned.
+        """
         p = self.parameters
         model = self.selected_model()
         if p.input_volume is None:
@@ -90,10 +97,47 @@ class PanelLogic:
             raise ValueError("Choose a model first.")
         if self.running("segment"):
             raise ValueError("A segmentation is already running.")
+        target = self.replace_target()
+        edits = self.corrections(target) if target is not None else []
+        if edits:
+            question = self.replace_question(target, edits)
+            if confirm_replace is None or not confirm_replace(question):
+                return None
         job = SegmentJob(p.input_volume, model, p.device, python=self.python, work_root=self.work_root,
                          ensemble=p.ensemble, largest_component=p.largest_component, runner=self.runner)
+        job.replace, job.replace_edits = target, edits
         self.jobs["segment"] = job.start()
         return job
+
+    def replace_target(self):
+        """The segmentation node a Segment would replace: the chosen one, when "replace" is ticked and it
+        was made on the chosen volume; None means a new node."""
+        p = self.parameters
+        node, volume = p.segmentation, p.input_volume
+        if not p.replace_segmentation or node is None or node.GetScene() is None or volume is None:
+            return None
+        reference = node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole())
+        return node if reference is not None and reference.GetID() == volume.GetID() else None
+
+    def corrections(self, node) -> list[str]:
+        """What replacing ``node`` would throw away: the names of its segments that differ from the
+        model's draft; every non-empty segment when it has no draft (it may all be hand-made)."""
+        volume = self.parameters.input_volume
+        edited = edited_segments(node, volume, self.segmentations_logic, self.scene)
+        if edited is not None:
+            return edited
+        out = []
+        for segment_id, name in nodes.segments(node):
+            if nodes.segment_mask(node, segment_id, volume, self.segmentations_logic, self.scene).any():
+                out.append(name)
+        return out
+
+    @staticmethod
+    def replace_question(node, edits) -> str:
+        shown = ", ".join(edits[:6]) + (f" and {len(edits) - 6} more" if len(edits) > 6 else "")
+        return (f"{node.GetName()} holds corrections ({shown}) that replacing its segments would lose. "
+                "Replace them with the model's new result? (Cancel keeps them; untick \"Replace\" to get a new "
+                "segmentation instead.)")
 
     def start_train(self) -> TrainJob:
         store = self.store()
@@ -137,11 +181,12 @@ class PanelLogic:
 
     def _on_success(self, job, update: Update) -> Update:
         if isinstance(job, SegmentJob):
+            target = self._replaceable(job)
             try:
-                node = job.load(self.scene, self.segmentations_logic, self._reusable_segmentation(job))
+                node = job.load(self.scene, self.segmentations_logic, target)
             except (GuidedSegError, ValueError, OSError) as error:
                 job.discard()
-                return Update(job.task, "Failed", finished=True, error=str(error))
+                return Update(job.task, "Failed", finished=True, error=str(error), elapsed_s=update.elapsed_s)
             self.parameters.segmentation = node
             update.result = node
         elif isinstance(job, TrainJob):
@@ -153,14 +198,14 @@ class PanelLogic:
                 self.parameters.device = "cpu"
         return update
 
-    def _reusable_segmentation(self, job: SegmentJob):
-        """Segmenting the same volume again replaces the segments of the panel's segmentation
-        node when it was made from that volume; otherwise a new node is made."""
-        node = self.parameters.segmentation
-        if node is None or node.GetScene() is None:
+    def _replaceable(self, job: SegmentJob):
+        """The node chosen for replacement at start, if it is still there and holds no corrections
+        beyond those the user agreed to lose (edits made while the model ran keep it: a new node is
+        made instead)."""
+        target = job.replace
+        if target is None or target.GetScene() is None:
             return None
-        reference = node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole())
-        return node if reference is not None and reference.GetID() == job.volume_node.GetID() else None
+        return target if self.corrections(target) == list(job.replace_edits) else None
 
     # export ------------------------------------------------------------------------------------
     def plan_export(self) -> ExportPlan:

@@ -50,12 +50,14 @@ class PanelWidget(VTKObservationMixin):
         ui.methodComboBox.connect("currentIndexChanged(int)", self.on_gui_changed)
         ui.ensembleCheckBox.connect("toggled(bool)", self.on_gui_changed)
         ui.largestComponentCheckBox.connect("toggled(bool)", self.on_gui_changed)
+        ui.replaceSegmentationCheckBox.connect("toggled(bool)", self.on_gui_changed)
         ui.storePathLineEdit.connect("currentPathChanged(QString)", self.on_gui_changed)
         ui.modelsFolderPathLineEdit.connect("currentPathChanged(QString)", self.on_models_folder_changed)
         ui.refreshModelsButton.connect("clicked()", self.on_refresh_models)
         ui.installButton.connect("clicked()", self.on_install)
         ui.segmentButton.connect("clicked()", self.on_segment)
         ui.correctButton.connect("clicked()", self.on_correct)
+        ui.show3DButton.connect("toggled(bool)", self.on_show_3d)
         ui.exportButton.connect("clicked()", self.on_export)
         ui.trainButton.connect("clicked()", self.on_train)
 
@@ -149,6 +151,7 @@ class PanelWidget(VTKObservationMixin):
             ui.methodComboBox.setCurrentIndex(max(0, ui.methodComboBox.findText(p.method)))
             ui.ensembleCheckBox.checked = p.ensemble
             ui.largestComponentCheckBox.checked = p.largest_component
+            ui.replaceSegmentationCheckBox.checked = p.replace_segmentation
             if ui.storePathLineEdit.currentPath != p.store:
                 ui.storePathLineEdit.currentPath = p.store
 
@@ -171,6 +174,10 @@ class PanelWidget(VTKObservationMixin):
             if not view.inputs_enabled:
                 ui.ensembleCheckBox.enabled = False
             ui.correctButton.enabled = view.correct_enabled
+            ui.replaceSegmentationCheckBox.enabled = view.inputs_enabled and p.segmentation is not None
+            ui.show3DButton.enabled = view.correct_enabled
+            ui.show3DButton.checked = bool(p.segmentation is not None and p.segmentation.GetSegmentation()
+                                           .ContainsRepresentation("Closed surface"))
             ui.exportButton.enabled = view.export_enabled
             ui.exportButton.toolTip = view.export_tooltip
             ui.trainButton.text = view.train_text
@@ -206,6 +213,7 @@ class PanelWidget(VTKObservationMixin):
                 p.method = ui.methodComboBox.currentText
             p.ensemble = ui.ensembleCheckBox.checked
             p.largest_component = ui.largestComponentCheckBox.checked
+            p.replace_segmentation = ui.replaceSegmentationCheckBox.checked
             p.store = ui.storePathLineEdit.currentPath
         self.update_gui()
 
@@ -272,10 +280,13 @@ class PanelWidget(VTKObservationMixin):
         if not self.dependencies_ready():
             return
         try:
-            with slicer.util.WaitCursor():  # writing the volume for the child takes a moment
-                self.logic.start_segment()
+            job = self.logic.start_segment(confirm_replace=lambda question: slicer.util.confirmOkCancelDisplay(
+                question, windowTitle="Replace corrected segmentation?"))
         except (GuidedSegError, ValueError, OSError) as error:
             slicer.util.errorDisplay(f"Segment could not start: {error}")
+            return
+        if job is None:
+            self.ui.segmentStatusLabel.text = "Not started: the corrections are kept."
             return
         self.ui.segmentProgressBar.setValue(0)
         self.ui.segmentProgressBar.setVisible(True)
@@ -296,6 +307,18 @@ class PanelWidget(VTKObservationMixin):
                 editor.setSourceVolumeNode(volume)
             else:  # Slicer before 5.4
                 editor.setMasterVolumeNode(volume)
+
+    def on_show_3d(self, shown) -> None:
+        if self._updating:
+            return
+        node = self.logic.parameters.segmentation
+        if node is None:
+            return
+        with slicer.util.WaitCursor():
+            if shown:
+                node.CreateClosedSurfaceRepresentation()
+            else:
+                node.RemoveClosedSurfaceRepresentation()
 
     def on_export(self) -> None:
         try:
@@ -379,11 +402,12 @@ class PanelWidget(VTKObservationMixin):
             return
         if update.ok and update.task == "segment":
             node = update.result
-            label.text = f"Done: {node.GetName()}. Correct it, then export the corrected labels."
+            label.text = (f"Done in {_duration(update.elapsed_s)}: {node.GetName()}. "
+                          "Correct it, then export the corrected labels.")
             volume = self.logic.parameters.input_volume
             slicer.util.setSliceViewerLayers(background=volume, fit=False)
         elif update.ok and update.task == "train":
-            label.text = f"Done: new model {update.result}"
+            label.text = f"Done in {_duration(update.elapsed_s)}: new model {update.result}"
             self.fill_models()
         elif update.error == "cancelled":
             label.text = "Cancelled." if update.task == "segment" else \
@@ -400,6 +424,14 @@ class PanelWidget(VTKObservationMixin):
     def append_log(self, lines) -> None:
         for line in lines:
             self.ui.logTextEdit.appendPlainText(line)
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _with_wait_cursor(function):
@@ -421,9 +453,14 @@ class ExportDialog:
         self.dialog = qt.QDialog(slicer.util.mainWindow())
         self.dialog.setWindowTitle("Export corrected labels")
         layout = qt.QVBoxLayout(self.dialog)
-        intro = qt.QLabel("Edited segments always count as annotated. Tick the other organs you checked "
-                          "(an empty one then counts as absent); unticked organs stay unannotated, "
-                          "unknown to training.")
+        if plan.draft_found:
+            text = ("Edited segments always count as annotated. Tick the other organs you checked "
+                    "(an empty one then counts as absent); unticked organs stay unannotated, unknown to training.")
+        else:
+            text = ("The model's draft of this segmentation is not in the scene, so the panel cannot tell what you "
+                    "edited: tick every organ you reviewed (an empty one then counts as absent). Unticked organs "
+                    "stay unannotated, unknown to training.")
+        intro = qt.QLabel(text)
         intro.wordWrap = True
         layout.addWidget(intro)
         self.boxes = {}
