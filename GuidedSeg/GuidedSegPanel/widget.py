@@ -481,8 +481,9 @@ class ExportDialog:
         self.summary.wordWrap = True
         layout.addWidget(self.summary)
         buttons = qt.QDialogButtonBox()
-        buttons.setStandardButtons(qt.QDialogButtonBox.Ok | qt.QDialogButtonBox.Cancel)
-        buttons.button(qt.QDialogButtonBox.Ok).text = "Export"
+        self.export_button = qt.QPushButton("Export")
+        buttons.addButton(self.export_button, qt.QDialogButtonBox.AcceptRole)
+        buttons.addButton(qt.QDialogButtonBox.Cancel)
         buttons.connect("accepted()", self.dialog.accept)
         buttons.connect("rejected()", self.dialog.reject)
         layout.addWidget(buttons)
