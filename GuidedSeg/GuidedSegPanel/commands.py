@@ -38,9 +38,18 @@ def library_root() -> Path:
     return Path(GuidedSegLib.__file__).resolve().parent.parent
 
 
+#: where the installed extension keeps Training/ (beside GuidedSegLib, one folder down, so that the
+#: name "Training" is not an importable package on Slicer's sys.path)
+INSTALLED_TRAINING = "GuidedSeg-training"
+
+
 def train_script() -> Path:
-    """Training/train.py beside GuidedSegLib."""
-    return library_root() / "Training" / "train.py"
+    """Training/train.py: beside GuidedSegLib in a checkout, under GuidedSeg-training/ when installed."""
+    root = library_root()
+    for candidate in (root / "Training" / "train.py", root / INSTALLED_TRAINING / "Training" / "train.py"):
+        if candidate.is_file():
+            return candidate
+    return root / "Training" / "train.py"
 
 
 def python_executable() -> str:
