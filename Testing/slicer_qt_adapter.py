@@ -37,6 +37,7 @@ from PySide6.QtCore import Property, Signal  # noqa: E402
 _QOBJECT_PROPERTY = QtCore.QObject.property
 _QOBJECT_SET_PROPERTY = QtCore.QObject.setProperty
 _QOBJECT_META = QtCore.QObject.metaObject
+_READING: set = set()  # (object id, property name) being read now
 
 
 class PythonQtStyle:
@@ -44,8 +45,15 @@ class PythonQtStyle:
 
     def __getattribute__(self, name):
         if name[:1] != "_":
-            if _QOBJECT_META(self).indexOfProperty(name) >= 0:
-                return _QOBJECT_PROPERTY(self, name)
+            key = (id(self), name)
+            if key not in _READING and _QOBJECT_META(self).indexOfProperty(name) >= 0:
+                # reading a property like sizeHint calls the C++ virtual, which asks Python for an
+                # override by this same name: that inner lookup must find the method, not recurse
+                _READING.add(key)
+                try:
+                    return _QOBJECT_PROPERTY(self, name)
+                finally:
+                    _READING.discard(key)
             if name == "name":
                 return QtCore.QObject.objectName(self)
             if name in _OWN:  # shiboken's lookup would find QObject.connect first
@@ -354,9 +362,10 @@ class _ApplicationLogic:
 class _App:
     applicationName = "Slicer"
 
-    def __init__(self, qapp, scene, temporary_path):
+    def __init__(self, qapp, scene, temporary_path, settings_dir):
         self._qapp = qapp
         self.temporaryPath = str(temporary_path)
+        self.slicerUserSettingsFilePath = str(Path(settings_dir) / "slicer.org" / "Slicer.ini")
         self._logic = _ApplicationLogic(scene)
 
     def processEvents(self):
@@ -376,7 +385,7 @@ class Adapter:
     """What :func:`install` set up; ``messages`` records every message box the panel showed,
     ``answers`` holds the answers the next confirmation boxes give (True when empty)."""
 
-    def __init__(self, qapp, scene, segmentations_logic, temporary_path):
+    def __init__(self, qapp, scene, segmentations_logic, temporary_path, settings_dir):
         import slicer
         import slicer.util
 
@@ -389,7 +398,7 @@ class Adapter:
         self._saved_util = {}
         sys.modules["qt"], sys.modules["ctk"] = _qt_module(), _ctk_module()
         slicer.mrmlScene = scene
-        slicer.app = _App(qapp, scene, temporary_path)
+        slicer.app = _App(qapp, scene, temporary_path, settings_dir)
         slicer.modules = types.SimpleNamespace(segmentations=types.SimpleNamespace(logic=lambda: segmentations_logic))
 
         def record(kind):
@@ -473,4 +482,4 @@ def install(scene, segmentations_logic, temporary_path, settings_dir) -> Adapter
     qapp = QtWidgets.QApplication.instance() or QtWidgets.QApplication([sys.argv[0], "-platform", "offscreen"])
     qapp.setOrganizationName("GuidedSegTest")
     qapp.setApplicationName(re.sub(r"\W", "", Path(str(settings_dir)).name) or "panel")
-    return Adapter(qapp, scene, segmentations_logic, temporary_path)
+    return Adapter(qapp, scene, segmentations_logic, temporary_path, settings_dir)

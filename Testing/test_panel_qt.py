@@ -226,3 +226,56 @@ def test_the_real_panel_segments_cancels_keeps_corrections_and_exports_only_what
     stored = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label)))
     assert np.array_equal(stored == 1, corrected) and set(np.unique(stored)) <= {0, 1}
     adapter.screenshot(panel.widget, shots / "panel-exported.png")
+
+
+def test_a_first_time_user_is_led_to_a_model_and_installs_in_one_action(qt_panel, tmp_path, monkeypatch):
+    panel, adapter, models, _ = qt_panel
+    ui, logic = panel.ui, panel.logic
+    shots = screenshots(tmp_path)
+    adapter.wait_until(lambda: not logic.running("devices"), 120, "the device probe")
+    adapter.process(0.1)
+
+    # no model and no models folder: the panel says how to get one
+    assert ui.messageLabel.visible and ui.messageLabel.text.startswith("No model yet. Import a model bundle")
+    assert ui.starterModelButton.visible and ui.importModelButton.enabled and not ui.segmentButton.enabled
+    assert ui.environmentLabel.text.startswith("PyTorch ") and \
+        ui.environmentLabel.text.endswith(f"Segment runs on: {logic.device_name()}")
+    adapter.screenshot(panel.widget, shots / "panel-first-use.png")
+
+    # Import: the user picks a bundle's model.json; with no models folder chosen it goes to the default one
+    qt = sys.modules["qt"]
+    chosen = str(models / "three-organs" / "model.json")
+    monkeypatch.setattr(qt.QFileDialog, "getOpenFileName", staticmethod(lambda *args, **kwargs: (chosen, "")))
+    adapter.click(ui.importModelButton)
+    adapter.process(0.1)
+    default = tmp_path / "settings" / "slicer.org" / "GuidedSeg" / "models"
+    assert ui.modelsFolderPathLineEdit.currentPath == str(default), adapter.messages
+    assert (default / "three-organs" / "weights.safetensors").is_file() and ui.modelComboBox.count == 1
+    assert logic.selected_model().path == default / "three-organs" and not ui.starterModelButton.visible
+    assert ui.segmentStatusLabel.text.startswith(f"Imported {logic.selected_model().name} into ...")
+    assert ui.segmentStatusLabel.text.endswith("/GuidedSeg/models.")  # elided: a long path must not widen the panel
+    assert panel.widget.sizeHint.width() <= 520, panel.widget.sizeHint  # (a property, as in PythonQt)
+
+    # PyTorch and MONAI missing: one click, one question (which build), torch in one call, the rest in one
+    logic.find_spec = lambda name: None if name in ("torch", "monai") else object()
+    panel.update_gui()
+    assert ui.installButton.visible and "lacks torch, monai" in ui.messageLabel.text and ui.environmentLabel.text == ""
+    pip, seen = [], {}
+    monkeypatch.setattr(slicer.util, "pip_install", pip.append)
+
+    def choose_cpu():
+        box = adapter.qapp.activeModalWidget()
+        try:
+            seen["buttons"] = [QtWidgets.QAbstractButton.text(b) for b in box.buttons()]
+            seen["text"] = QtWidgets.QMessageBox.text(box)
+            adapter.click([b for b in box.buttons() if QtWidgets.QAbstractButton.text(b) == "CPU only"][0])
+        finally:
+            if box is not None and box.isVisible():
+                box.reject()
+
+    QtCore.QTimer.singleShot(200, choose_cpu)
+    adapter.click(ui.installButton)
+    assert {"NVIDIA GPU (CUDA)", "CPU only"} <= set(seen.get("buttons", [])), seen
+    assert "torch, monai" in seen["text"]
+    assert pip == ["torch>=2.2 --index-url https://download.pytorch.org/whl/cpu", "monai>=1.3"]
+    assert not [m for m in adapter.messages if m[0] in ("confirm", "error")], adapter.messages

@@ -118,7 +118,8 @@ class SegmentJob(Job):
                  ensemble: bool = False, largest_component: bool = False, runner=ChildProcess):
         if not model.usable:
             raise ValueError(model.problem)
-        self.volume_node, self.model = volume_node, model
+        self.volume_node, self.model, self.device = volume_node, model, device
+        self.options = {"ensemble": ensemble, "largest_component": largest_component}
         self.replace = None  # the segmentation node whose segments the result replaces (None: a new node)
         self.replace_edits: list[str] = []  # its corrections the user agreed to lose
         self.folder = Path(tempfile.mkdtemp(prefix="segment-", dir=work_root))
@@ -199,6 +200,8 @@ class DeviceProbe(Job):
 
     def __init__(self, python: str, runner=ChildProcess):
         super().__init__(commands.device_probe_command(python), runner)
+        self.environment: dict[str, str | None] = {}
 
     def result(self) -> list[tuple[str, str]]:
+        self.environment = commands.environment_from_probe(self.process.result)
         return commands.devices_from_probe(self.process.result)

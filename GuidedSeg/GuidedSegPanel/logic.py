@@ -35,6 +35,7 @@ class PanelLogic:
         self.models: list[models.ModelInfo] = []
         self.jobs: dict[str, object] = {}  # task -> running job
         self.devices: list[tuple[str, str]] = [("cpu", "CPU")]
+        self.environment: dict[str, str | None] = {}  # torch / cuda / monai versions, from the probe
         self._store: CaseStore | None = None
         self._store_problem: str | None = None
         self._store_path = None
@@ -51,6 +52,13 @@ class PanelLogic:
     def refresh_models(self) -> list[models.ModelInfo]:
         self.models = models.list_models(self.models_folder) if not models.folder_problem(self.models_folder) else []
         return self.models
+
+    def import_model(self, source) -> models.ModelInfo:
+        """Import a bundle (folder or .zip) into the models folder, checked first, and select it."""
+        model = models.import_bundle(source, self.models_folder)
+        self.refresh_models()
+        self.parameters.model = str(model.path)
+        return model
 
     def selected_model(self) -> models.ModelInfo | None:
         chosen = self.parameters.model
@@ -154,6 +162,19 @@ class PanelLogic:
         self.jobs["train"] = job.start()
         return job
 
+    def start_starter_training(self) -> TrainJob:
+        """Train a starter model on fresh synthetic phantoms (what the README's demo trains), in the
+        background, into the models folder; the new bundle is listed and selected when done."""
+        problem = models.folder_problem(self.models_folder)
+        if problem:
+            raise ValueError(problem)
+        if self.running("train"):
+            raise ValueError("Training is already running.")
+        job = TrainJob(None, self.models_folder, "guidednet", self.parameters.device, python=self.python,
+                       store_name="starter-phantoms", runner=self.runner)
+        self.jobs["train"] = job.start()
+        return job
+
     def start_device_probe(self) -> DeviceProbe | None:
         if self.running("devices"):
             return None
@@ -176,8 +197,26 @@ class PanelLogic:
                     del self.jobs[task]
                     if update.ok:
                         update = self._on_success(job, update)
+                    elif self._fall_back_to_cpu(job, update):
+                        updates.append(Update(task, "The GPU ran out of memory: segmenting on the CPU instead",
+                                              0.0, log=[f"{job.device}: {update.error}; running again on the CPU"]))
+                        continue
                 updates.append(update)
         return updates
+
+    def _fall_back_to_cpu(self, job, update: Update) -> bool:
+        """A Segment that ran out of GPU memory starts again on the CPU (same volume, model, target)."""
+        if not isinstance(job, SegmentJob) or job.device == "cpu" or not commands.out_of_memory(update.error):
+            return False
+        again = SegmentJob(job.volume_node, job.model, "cpu", python=self.python, work_root=self.work_root,
+                           runner=self.runner, **job.options)
+        again.replace, again.replace_edits = job.replace, job.replace_edits
+        self.jobs["segment"] = again.start()
+        return True
+
+    def device_name(self) -> str:
+        device = self.parameters.device
+        return dict(self.devices).get(device, device)
 
     def _on_success(self, job, update: Update) -> Update:
         if isinstance(job, SegmentJob):
@@ -194,8 +233,11 @@ class PanelLogic:
             self.parameters.model = str(update.result)
         elif isinstance(job, DeviceProbe):
             self.devices = update.result
-            if self.parameters.device not in [d for d, _ in self.devices]:
-                self.parameters.device = "cpu"
+            self.environment = job.environment
+            ids = [d for d, _ in self.devices]
+            p = self.parameters
+            if not p.device_chosen or p.device not in ids:  # the GPU by default, as found
+                p.device = next((d for d in ids if d != "cpu"), "cpu")
         return update
 
     def _replaceable(self, job: SegmentJob):
@@ -234,6 +276,7 @@ class PanelLogic:
             missing_packages=[r.package for r in self.missing_packages()],
             has_volume=p.input_volume is not None,
             models_folder_problem=folder_problem,
+            models_folder_chosen=bool(self.models_folder),
             model_count=len(self.models),
             model_problem=model.problem if model is not None else None,
             has_model=model is not None,

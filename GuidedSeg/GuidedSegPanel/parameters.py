@@ -59,6 +59,15 @@ class PanelParameters:
         self._set("Device", value or "cpu")
 
     @property
+    def device_chosen(self) -> bool:
+        """The user picked the device; until then the panel takes the first GPU the probe finds."""
+        return self._get("DeviceChosen", "false") == "true"
+
+    @device_chosen.setter
+    def device_chosen(self, value: bool) -> None:
+        self._set("DeviceChosen", "true" if value else "false")
+
+    @property
     def ensemble(self) -> bool:
         return self._get("Ensemble", "false") == "true"
 

@@ -5,6 +5,9 @@ what is said, what an export records) is made in the plain-Python modules beside
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import ctk  # noqa: F401  (registers the ctk widgets the .ui uses)
 import qt
 import slicer
@@ -13,7 +16,7 @@ from slicer.util import VTKObservationMixin
 
 from GuidedSegLib.errors import GuidedSegError
 
-from . import install, state
+from . import commands, install, state
 from .export import ExportPlan, ExportRefused
 from .logic import PanelLogic
 from .parameters import METHODS
@@ -38,6 +41,9 @@ class PanelWidget(VTKObservationMixin):
 
         ui = self.ui
         ui.methodComboBox.addItems(list(METHODS))
+        for box in (ui.modelComboBox, ui.deviceComboBox):  # long model and GPU names must not widen the panel
+            box.setSizeAdjustPolicy(qt.QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            box.setMinimumContentsLength(12)
         ui.segmentProgressBar.setVisible(False)
         ui.trainProgressBar.setVisible(False)
         ui.modelsFolderPathLineEdit.currentPath = qt.QSettings().value(MODELS_FOLDER_SETTING, "")
@@ -47,6 +53,7 @@ class PanelWidget(VTKObservationMixin):
         ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.on_gui_changed)
         ui.modelComboBox.connect("currentIndexChanged(int)", self.on_gui_changed)
         ui.deviceComboBox.connect("currentIndexChanged(int)", self.on_gui_changed)
+        ui.deviceComboBox.connect("activated(int)", self.on_device_chosen)
         ui.methodComboBox.connect("currentIndexChanged(int)", self.on_gui_changed)
         ui.ensembleCheckBox.connect("toggled(bool)", self.on_gui_changed)
         ui.largestComponentCheckBox.connect("toggled(bool)", self.on_gui_changed)
@@ -54,6 +61,8 @@ class PanelWidget(VTKObservationMixin):
         ui.storePathLineEdit.connect("currentPathChanged(QString)", self.on_gui_changed)
         ui.modelsFolderPathLineEdit.connect("currentPathChanged(QString)", self.on_models_folder_changed)
         ui.refreshModelsButton.connect("clicked()", self.on_refresh_models)
+        ui.importModelButton.connect("clicked()", self.on_import_model)
+        ui.starterModelButton.connect("clicked()", self.on_starter_model)
         ui.installButton.connect("clicked()", self.on_install)
         ui.segmentButton.connect("clicked()", self.on_segment)
         ui.correctButton.connect("clicked()", self.on_correct)
@@ -157,14 +166,19 @@ class PanelWidget(VTKObservationMixin):
 
             model = self.logic.selected_model()
             ui.modelInfoLabel.text = model.description() if model is not None else ""
+            ui.modelInfoLabel.toolTip = str(model.path) if model is not None else ""
+            ui.modelComboBox.toolTip = model.title() if model is not None else "The model bundle that segments"
             ui.ensembleCheckBox.enabled = model is not None and model.ensemble_possible
             store = self.logic.store()
             ui.storeInfoLabel.text = self.store_text(store)
+            ui.environmentLabel.text = "" if self.logic.missing_packages() else commands.environment_text(
+                self.logic.environment, self.logic.device_name())
 
             view = state.view(self.logic.state())
             ui.messageLabel.text = view.message
             ui.messageLabel.visible = bool(view.message)
             ui.installButton.visible = view.install_visible
+            ui.starterModelButton.visible = view.starter_visible
             ui.segmentButton.text = view.segment_text
             ui.segmentButton.enabled = view.segment_enabled
             ui.segmentButton.toolTip = view.segment_tooltip
@@ -232,6 +246,64 @@ class PanelWidget(VTKObservationMixin):
         self.select_first_model_if_none()
         self.update_gui()
 
+    def ensure_models_folder(self) -> bool:
+        """A models folder to import or train into: the chosen one, else a default beside Slicer's
+        settings (created, and chosen, here)."""
+        if self.logic.models_folder:
+            return True
+        folder = default_models_folder()
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as error:
+            slicer.util.errorDisplay(f"{folder}: cannot create the models folder ({error}). Choose one.")
+            return False
+        self.ui.modelsFolderPathLineEdit.currentPath = folder  # -> on_models_folder_changed
+        if self.logic.models_folder != folder:
+            self.on_models_folder_changed(folder)
+        return True
+
+    def on_import_model(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(
+            self.widget, "Import a model bundle: its .zip, or the model.json in its folder", "",
+            "Model bundles (*.zip model.json);;All files (*)")
+        path = path[0] if isinstance(path, (tuple, list)) else path  # PySide returns (path, filter)
+        if not path or not self.ensure_models_folder():
+            return
+        source = os.path.dirname(path) if os.path.basename(path) == "model.json" else path
+        try:
+            with slicer.util.WaitCursor():
+                model = self.logic.import_model(source)
+        except (GuidedSegError, ValueError, OSError) as error:
+            slicer.util.errorDisplay(f"Import failed; nothing was added to the models folder.\n\n{error}")
+            return
+        self.fill_models()
+        self.update_gui()
+        self.ui.segmentStatusLabel.text = f"Imported {model.name} into {state.elide_path(self.logic.models_folder)}."
+
+    def on_starter_model(self) -> None:
+        if not self.dependencies_ready() or not self.ensure_models_folder():
+            return
+        if not slicer.util.confirmOkCancelDisplay(
+                "Train a starter model on synthetic abdominal phantoms? It runs in the background (minutes on a GPU, "
+                f"longer on a CPU) and writes a new bundle into {self.logic.models_folder}.",
+                windowTitle="Train a starter model"):
+            return
+        try:
+            job = self.logic.start_starter_training()
+        except (GuidedSegError, ValueError, OSError) as error:
+            slicer.util.errorDisplay(f"Training could not start: {error}")
+            return
+        self.show_training(job)
+
+    def show_training(self, job) -> None:
+        self.append_log([f"training into {job.output}"])
+        self.ui.trainCollapsibleButton.collapsed = False
+        self.ui.trainProgressBar.setValue(0)
+        self.ui.trainProgressBar.setVisible(True)
+        self.ui.trainStatusLabel.text = "Starting..."
+        self.timer.start()
+        self.update_gui()
+
     def select_first_model_if_none(self) -> None:
         if self.logic.selected_model() is None:
             usable = [m for m in self.logic.models if m.usable]
@@ -242,15 +314,23 @@ class PanelWidget(VTKObservationMixin):
     # dependencies and devices
 
     def dependencies_ready(self) -> bool:
-        """True when the packages are there; otherwise offer to install them (asks first)."""
+        """True when the packages are there; otherwise offer to install them: one question, then
+        torch (PyTorch Utils, or the build the user picks) and the rest in one call."""
         missing = self.logic.missing_packages()
         if not missing:
             return True
         torch_installer = install.slicer_torch_installer()
+        confirm, build = slicer.util.confirmOkCancelDisplay, None
+        if torch_installer is None and any(r.module == "torch" for r in missing):
+            build = self.ask_torch_build(missing)  # this question is the confirmation
+            if build is None:
+                self.ui.segmentStatusLabel.text = "Not installed: Segment and Train need these packages."
+                return False
+            confirm = lambda text: True  # noqa: E731
         try:  # the question is asked with the normal cursor; only the installing shows the wait cursor
-            install.install(missing, confirm=slicer.util.confirmOkCancelDisplay,
-                            pip_install=_with_wait_cursor(slicer.util.pip_install),
-                            install_torch=_with_wait_cursor(torch_installer) if torch_installer else None)
+            install.install(missing, confirm=confirm, pip_install=_with_wait_cursor(slicer.util.pip_install),
+                            install_torch=_with_wait_cursor(torch_installer) if torch_installer else None,
+                            pip_ensure=install.slicer_pip_ensure(), torch_build=build)
         except install.InstallDeclined as declined:
             self.ui.segmentStatusLabel.text = str(declined)
             return False
@@ -261,6 +341,24 @@ class PanelWidget(VTKObservationMixin):
             self.update_gui()
         self.probe_devices()
         return not self.logic.missing_packages()
+
+    def ask_torch_build(self, missing) -> str | None:
+        """Which PyTorch build to install ("cuda" or "cpu"), or None when the user cancels."""
+        box = qt.QMessageBox(slicer.util.mainWindow())
+        box.setWindowTitle("Install PyTorch")
+        box.setText(install.question(missing) + "\n\nWhich PyTorch build? (The PyTorch extension's PyTorch Utils "
+                    "would choose for you; it is not installed.)")
+        cuda = box.addButton("NVIDIA GPU (CUDA)", qt.QMessageBox.AcceptRole)
+        cpu = box.addButton("CPU only", qt.QMessageBox.AcceptRole)
+        box.addButton(qt.QMessageBox.Cancel)
+        box.setDefaultButton(cuda if shutil.which("nvidia-smi") else cpu)
+        box.exec_()
+        clicked = box.clickedButton()
+        return "cuda" if clicked == cuda else "cpu" if clicked == cpu else None
+
+    def on_device_chosen(self, index) -> None:
+        if not self._updating:
+            self.logic.parameters.device_chosen = True
 
     def on_install(self) -> None:
         self.dependencies_ready()
@@ -362,12 +460,7 @@ class PanelWidget(VTKObservationMixin):
         except (GuidedSegError, ValueError, OSError) as error:
             slicer.util.errorDisplay(f"Training could not start: {error}")
             return
-        self.append_log([f"training into {job.output}"])
-        self.ui.trainProgressBar.setValue(0)
-        self.ui.trainProgressBar.setVisible(True)
-        self.ui.trainStatusLabel.text = "Starting..."
-        self.timer.start()
-        self.update_gui()
+        self.show_training(job)
 
     # ------------------------------------------------------------------------------------------
     # progress
@@ -407,7 +500,7 @@ class PanelWidget(VTKObservationMixin):
             volume = self.logic.parameters.input_volume
             slicer.util.setSliceViewerLayers(background=volume, fit=False)
         elif update.ok and update.task == "train":
-            label.text = f"Done in {_duration(update.elapsed_s)}: new model {update.result}"
+            label.text = f"Done in {_duration(update.elapsed_s)}: new model {state.elide_path(update.result)}"
             self.fill_models()
         elif update.error == "cancelled":
             label.text = "Cancelled." if update.task == "segment" else \
@@ -424,6 +517,12 @@ class PanelWidget(VTKObservationMixin):
     def append_log(self, lines) -> None:
         for line in lines:
             self.ui.logTextEdit.appendPlainText(line)
+
+
+def default_models_folder() -> str:
+    """Where imported and starter models go when no models folder was chosen: beside Slicer's
+    user settings (e.g. ~/.config/slicer.org/GuidedSeg/models)."""
+    return os.path.join(os.path.dirname(slicer.app.slicerUserSettingsFilePath), "GuidedSeg", "models")
 
 
 def _duration(seconds) -> str:
