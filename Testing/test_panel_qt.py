@@ -168,6 +168,10 @@ def test_the_real_panel_segments_cancels_keeps_corrections_and_exports_only_what
     assert nodes.draft_node(first) is not None and list(work.iterdir()) == []
     assert ui.correctButton.enabled and ui.exportButton.enabled
     adapter.screenshot(panel.widget, shots / "panel-segmented.png")
+    adapter.click(ui.show3DButton)  # surfaces for the 3D view, and off again
+    assert ui.show3DButton.checked and first.GetSegmentation().ContainsRepresentation("Closed surface")
+    adapter.click(ui.show3DButton)
+    assert not first.GetSegmentation().ContainsRepresentation("Closed surface")
 
     # correct the liver, then Segment again: a new node; the correction is still there
     corrected = liver_mask(logic, first, volume).copy()
