@@ -144,8 +144,8 @@ class PanelLogic:
     def replace_question(node, edits) -> str:
         shown = ", ".join(edits[:6]) + (f" and {len(edits) - 6} more" if len(edits) > 6 else "")
         return (f"{node.GetName()} holds corrections ({shown}) that replacing its segments would lose. "
-                "Replace them with the model's new result? (Cancel keeps them; untick \"Replace\" to get a new "
-                "segmentation instead.)")
+                "Replace them with the model's new result? (Cancel keeps them; untick \"Segment into this "
+                "segmentation\" to get a new segmentation instead.)")
 
     def start_train(self) -> TrainJob:
         store = self.store()
@@ -208,8 +208,11 @@ class PanelLogic:
         """A Segment that ran out of GPU memory starts again on the CPU (same volume, model, target)."""
         if not isinstance(job, SegmentJob) or job.device == "cpu" or not commands.out_of_memory(update.error):
             return False
-        again = SegmentJob(job.volume_node, job.model, "cpu", python=self.python, work_root=self.work_root,
-                           runner=self.runner, **job.options)
+        try:  # the volume may have gone meanwhile: then the out-of-memory failure is what the user sees
+            again = SegmentJob(job.volume_node, job.model, "cpu", python=self.python, work_root=self.work_root,
+                               runner=self.runner, **job.options)
+        except (GuidedSegError, ValueError, OSError):
+            return False
         again.replace, again.replace_edits = job.replace, job.replace_edits
         self.jobs["segment"] = again.start()
         return True
