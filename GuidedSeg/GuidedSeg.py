@@ -36,12 +36,15 @@ class GuidedSeg(ScriptedLoadableModule):
         self.parent.helpText = (
             "Semi-supervised 3D organ segmentation that learns from a few labeled and many unlabeled scans "
             "(GuidedNet, with supervised-only and cross-pseudo-supervision baselines).<br><br>"
-            "<b>Segment</b>: choose a volume and a model bundle from the models folder, then click Segment; it runs "
-            "in the background (Cancel stops it) and gives a segmentation with named, coloured segments.<br>"
+            "<b>Segment</b>: choose a volume and a model bundle from the models folder (or import one, or train a "
+            "starter model on synthetic phantoms), then click Segment; it runs in the background (Cancel stops it) "
+            "and gives a new segmentation with named, coloured segments, so earlier corrections are never lost "
+            "(tick \"Segment into this segmentation\" to replace one instead; it asks when that holds corrections)."
+            "<br>"
             "<b>Correct</b> it in the Segment Editor.<br>"
             "<b>Export corrected labels</b> writes the volume and the corrected label map into a case store: the "
             "segments you edited, plus the organs you tick as checked, count as annotated; the rest stay unknown "
-            "to training.<br>"
+            "to training. Without the model's draft nothing counts as edited: tick what you reviewed.<br>"
             "<b>Train</b> learns a new model bundle from the store in the background.<br><br>"
             "PyTorch and MONAI are installed on first use, after asking. "
             'See the <a href="https://github.com/guidedseg/SlicerGuidedSeg#readme">README</a> '

@@ -307,6 +307,19 @@ def test_the_draft_is_a_hidden_node_beside_the_segmentation_and_tells_the_edits(
     assert draft.GetScene() is None and nodes.draft_node(seg) is not draft
 
 
+def test_deleting_a_segmentation_lets_its_draft_go_and_keeps_the_others(tmp_path, mrml, case):
+    scene, logic = mrml
+    image, label = case
+    volume = volume_node(scene, image, "two drafts")
+    kept = draft_segmentation(tmp_path, scene, logic, volume, label)
+    gone = draft_segmentation(tmp_path, scene, logic, volume, label)
+    gone_draft = nodes.draft_node(gone)
+    scene.RemoveNode(gone)
+    assert nodes.remove_orphan_drafts(scene) == 1
+    assert gone_draft.GetScene() is None and nodes.draft_node(kept).GetScene() is scene
+    assert nodes.remove_orphan_drafts(scene) == 0
+
+
 def test_without_its_draft_nothing_counts_as_edited_and_only_ticked_organs_are_recorded(tmp_path, mrml, case):
     scene, logic = mrml
     image, label = case

@@ -186,6 +186,10 @@ def test_the_real_panel_segments_cancels_keeps_corrections_and_exports_only_what
     assert second is not None and second.GetID() != first.GetID(), adapter.messages
     assert first.GetScene() is logic.scene and np.array_equal(liver_mask(logic, first, volume), corrected)
     assert not any(kind == "confirm" for kind, _ in adapter.messages)  # nothing was replaced, nothing asked
+    third_draft = nodes.draft_node(second)
+    logic.scene.RemoveNode(second)  # the user deletes the newer segmentation: its hidden draft goes too
+    adapter.process(0.1)
+    assert third_draft.GetScene() is None and nodes.draft_node(first).GetScene() is logic.scene
 
     # choose the corrected node; its draft is deleted: replacing it asks, and No keeps it
     ui.segmentationSelector.setCurrentIndex(ui.segmentationSelector.findText(first.GetName()))

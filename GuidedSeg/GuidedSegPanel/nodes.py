@@ -243,6 +243,23 @@ def draft_node(segmentation_node):
     return segmentation_node.GetNodeReference(DRAFT_ROLE) if segmentation_node is not None else None
 
 
+def remove_orphan_drafts(scene) -> int:
+    """Remove the hidden draft nodes whose segmentation node is gone; returns how many."""
+    referenced = set()
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
+        draft = draft_node(scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode"))
+        if draft is not None:
+            referenced.add(draft.GetID())
+    orphans = []
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLLabelMapVolumeNode")
+        if node.GetAttribute(ROLE_ATTRIBUTE) == "draft" and node.GetID() not in referenced:
+            orphans.append(node)
+    for node in orphans:
+        scene.RemoveNode(node)
+    return len(orphans)
+
+
 def draft_array(segmentation_node, reference_volume) -> np.ndarray | None:
     """The model's draft as a (K, J, I) array on the reference volume's grid, or None when there is
     none (not made by Segment, the draft node was deleted, or it does not lie on this volume's grid)."""

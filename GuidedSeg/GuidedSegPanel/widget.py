@@ -16,7 +16,7 @@ from slicer.util import VTKObservationMixin
 
 from GuidedSegLib.errors import GuidedSegError
 
-from . import commands, install, state
+from . import commands, install, nodes, state
 from .export import ExportPlan, ExportRefused
 from .logic import PanelLogic
 from .parameters import METHODS
@@ -34,6 +34,7 @@ class PanelWidget(VTKObservationMixin):
         self.logic = logic or PanelLogic(slicer.mrmlScene, slicer.modules.segmentations.logic(),
                                          work_root=slicer.app.temporaryPath)
         self._updating = False
+        self._cleanup_pending = False
         self._observed_parameters = None
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
@@ -72,6 +73,7 @@ class PanelWidget(VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.on_scene_start_close)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.on_scene_end_close)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.on_node_removed)
         self.observe_parameters()
         self.fill_models()
         self.select_first_model_if_none()
@@ -91,6 +93,17 @@ class PanelWidget(VTKObservationMixin):
 
     def on_scene_start_close(self, caller=None, event=None) -> None:
         self.logic.cancel("segment")  # its volume is about to go; training does not depend on the scene
+
+    def on_node_removed(self, caller=None, event=None) -> None:
+        """A deleted segmentation takes its hidden draft with it (on the next turn of the event loop,
+        not inside the scene's own removal)."""
+        if not self._cleanup_pending:
+            self._cleanup_pending = True
+            qt.QTimer.singleShot(0, self.remove_orphan_drafts)
+
+    def remove_orphan_drafts(self) -> None:
+        self._cleanup_pending = False
+        nodes.remove_orphan_drafts(slicer.mrmlScene)
 
     def on_scene_end_close(self, caller=None, event=None) -> None:
         self.observe_parameters()
