@@ -250,6 +250,17 @@ def test_a_first_time_user_is_led_to_a_model_and_installs_in_one_action(qt_panel
         ui.environmentLabel.text.endswith(f"Segment runs on: {logic.device_name()}")
     adapter.screenshot(panel.widget, shots / "panel-first-use.png")
 
+    # the one-click starter model: train.py on fresh phantoms in the background (stopped here at once)
+    adapter.answers.append(True)
+    adapter.click(ui.starterModelButton)
+    job = logic.jobs.get("train")
+    assert job is not None and "--store" not in job.argv, adapter.messages
+    assert ui.trainProgressBar.visible and not ui.trainCollapsibleButton.collapsed and not ui.starterModelButton.visible
+    assert ui.trainButton.text == "Cancel training"
+    adapter.click(ui.trainButton)
+    adapter.wait_until(lambda: ui.trainStatusLabel.text.startswith("Stopped"), 30, "stopping the starter training")
+    assert not job.output.exists() and ui.starterModelButton.visible  # nothing half-trained is left
+
     # Import: the user picks a bundle's model.json; with no models folder chosen it goes to the default one
     qt = sys.modules["qt"]
     chosen = str(models / "three-organs" / "model.json")
@@ -270,6 +281,7 @@ def test_a_first_time_user_is_led_to_a_model_and_installs_in_one_action(qt_panel
     assert ui.installButton.visible and "lacks torch, monai" in ui.messageLabel.text and ui.environmentLabel.text == ""
     pip, seen = [], {}
     monkeypatch.setattr(slicer.util, "pip_install", pip.append)
+    adapter.messages.clear()
 
     def choose_cpu():
         box = adapter.qapp.activeModalWidget()
