@@ -23,7 +23,7 @@ slicer = pytest.importorskip("slicer")
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the 'slicer' module here is not slicer-core", allow_module_level=True)
 
-from GuidedSegPanel import models, nodes, state
+from GuidedSegPanel import commands, models, nodes, state
 from GuidedSegPanel.logic import PanelLogic
 
 from GuidedSegLib.imageio import write_label_map
@@ -36,16 +36,24 @@ LABELS = {"0": "background", "1": "liver", "2": "spleen", "3": "kidney_left"}
 FAKE_PYTHON = """
     import json, os, shutil, signal, subprocess, sys, time
     args = sys.argv[1:]
+    mode = os.environ.get("FAKE_MODE", "ok")
+    def emit(**record):
+        print(json.dumps(record), flush=True)
+    if args[0] == "-c" and mode == "gpu":  # the device probe on a machine with one NVIDIA GPU
+        emit(stage="done", progress=1.0, devices=[{{"id": "cpu", "name": "CPU"}},
+             {{"id": "cuda:0", "name": "GPU 0: NVIDIA H200"}}], torch="2.13.0+cu126", cuda="12.6", monai="1.6.1")
+        sys.exit(0)
     if args[0] == "-c":
         sys.exit(subprocess.call([{python!r}] + args))
     def opt(name):
         return args[args.index(name) + 1]
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
-    mode = os.environ.get("FAKE_MODE", "ok")
-    def emit(**record):
-        print(json.dumps(record), flush=True)
     if args[:3] == ["-m", "GuidedSegLib.cli", "segment"]:
         assert args[-2:] == ["--progress", "json"], args
+        if mode == "oom" and opt("--device") != "cpu":
+            emit(stage="infer", progress=0.3)
+            print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", file=sys.stderr)
+            sys.exit(1)
         if mode == "fail":
             emit(stage="load", progress=0.0)
             print("guidedseg: error: " + opt("--model") + ": weights of network A do not fit its description",
@@ -163,7 +171,10 @@ def test_segment_runs_in_the_background_and_becomes_named_segments(panel):
     node = final.result
     assert p.segmentation is node and node.GetAttribute(nodes.MODEL_NAME_ATTRIBUTE) == "tiny"
     assert sorted(name for _, name in nodes.segments(node)) == ["kidney_left", "liver", "spleen"]
-    assert not job.input.exists() and job.output.is_file()  # the draft stays for edit detection
+    assert not job.folder.exists()  # nothing left in the temporary folder: the draft is in the scene
+    draft = nodes.draft_node(node)
+    assert draft is not None and draft.GetHideFromEditors() and draft.GetScene() is logic.scene
+    assert final.elapsed_s is not None and final.elapsed_s > 0
     view = state.view(logic.state())
     assert view.segment_text == "Segment" and view.correct_enabled and not view.export_enabled  # no store yet
 
@@ -249,3 +260,160 @@ def test_export_and_train_from_the_panel(panel, tmp_path):
     assert final.ok and final.result == job.output / "bundle"
     assert p.model == str(job.output / "bundle") and logic.selected_model().name == "trained-guidednet"
     assert [m.name for m in logic.models] == ["tiny", "trained-guidednet"]
+
+
+def paint(logic, node, volume, name, mask):
+    """What painting in the Segment Editor leaves: segment ``name`` now holds exactly ``mask``."""
+    scene, seg_logic = logic.scene, logic.segmentations_logic
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    labelmap.CopyOrientation(volume)
+    slicer.util.updateVolumeFromArray(labelmap, mask.astype(np.uint8))
+    old = node.GetSegmentation().GetSegmentIdBySegmentName(name)
+    assert seg_logic.ImportLabelmapToSegmentationNode(labelmap, node, "edited")
+    new = node.GetSegmentation().GetNthSegmentID(node.GetSegmentation().GetNumberOfSegments() - 1)
+    node.GetSegmentation().RemoveSegment(old)
+    node.GetSegmentation().GetSegment(new).SetName(name)
+    scene.RemoveNode(labelmap)
+
+
+def liver_of(logic, node, volume):
+    segment = node.GetSegmentation().GetSegmentIdBySegmentName("liver")
+    return nodes.segment_mask(node, segment, volume, logic.segmentations_logic, logic.scene)
+
+
+def test_segment_again_goes_into_a_new_node_and_the_correction_survives(panel):
+    logic, volume, _, label, _ = panel
+    p = logic.parameters
+    p.input_volume, p.model = volume, str(Path(logic.models_folder) / "tiny")
+    logic.start_segment()
+    first = run_until_finished(logic, "segment")[-1].result
+    corrected = sitk.GetArrayFromImage(label) == 1
+    corrected[:4] = False
+    paint(logic, first, volume, "liver", corrected)
+
+    assert logic.start_segment() is not None  # no question: nothing is replaced
+    second = run_until_finished(logic, "segment")[-1].result
+    assert second.GetID() != first.GetID() and p.segmentation is second
+    assert first.GetScene() is logic.scene and np.array_equal(liver_of(logic, first, volume), corrected)
+    assert np.array_equal(liver_of(logic, second, volume), sitk.GetArrayFromImage(label) == 1)
+    assert second.GetName() != first.GetName()
+    assert logic.corrections(first) == ["liver"] and logic.corrections(second) == []
+
+
+def test_replacing_a_corrected_node_asks_first_and_no_means_nothing_runs(panel):
+    logic, volume, _, label, _ = panel
+    p = logic.parameters
+    p.input_volume, p.model = volume, str(Path(logic.models_folder) / "tiny")
+    logic.start_segment()
+    node = run_until_finished(logic, "segment")[-1].result
+    old_draft = nodes.draft_node(node)
+    # replacing an uncorrected node asks nothing and keeps the node
+    p.replace_segmentation = True
+    assert logic.start_segment() is not None
+    assert run_until_finished(logic, "segment")[-1].result is node and old_draft.GetScene() is None
+
+    corrected = sitk.GetArrayFromImage(label) == 1
+    corrected[:4] = False
+    paint(logic, node, volume, "liver", corrected)
+    questions = []
+    assert logic.start_segment() is None  # no way to ask: nothing runs
+    assert logic.start_segment(confirm_replace=lambda q: questions.append(q) or False) is None
+    assert not logic.running("segment") and "liver" in questions[0] and node.GetName() in questions[0]
+    assert np.array_equal(liver_of(logic, node, volume), corrected)
+
+    assert logic.start_segment(confirm_replace=lambda q: True) is not None  # the user agreed
+    assert run_until_finished(logic, "segment")[-1].result is node
+    assert np.array_equal(liver_of(logic, node, volume), sitk.GetArrayFromImage(label) == 1)
+
+
+def test_a_correction_made_while_the_model_runs_is_not_replaced(panel):
+    logic, volume, _, label, _ = panel
+    p = logic.parameters
+    p.input_volume, p.model = volume, str(Path(logic.models_folder) / "tiny")
+    logic.start_segment()
+    node = run_until_finished(logic, "segment")[-1].result
+    p.replace_segmentation = True
+    assert logic.start_segment() is not None  # no corrections yet: no question
+    corrected = sitk.GetArrayFromImage(label) == 1
+    corrected[:4] = False
+    paint(logic, node, volume, "liver", corrected)  # painted while the child runs
+    result = run_until_finished(logic, "segment")[-1].result
+    assert result.GetID() != node.GetID() and np.array_equal(liver_of(logic, node, volume), corrected)
+
+
+def test_the_gpu_is_the_default_once_the_probe_finds_one_and_the_versions_are_shown(panel, monkeypatch):
+    logic = panel[0]
+    monkeypatch.setenv("FAKE_MODE", "gpu")
+    assert logic.parameters.device == "cpu" and not logic.parameters.device_chosen
+    logic.start_device_probe()
+    run_until_finished(logic, "devices")
+    assert logic.parameters.device == "cuda:0" and logic.device_name() == "GPU 0: NVIDIA H200"
+    assert commands.environment_text(logic.environment, logic.device_name()) == \
+        "PyTorch 2.13.0+cu126 (CUDA 12.6), MONAI 1.6.1. Segment runs on: GPU 0: NVIDIA H200"
+    # a device the user chose is kept
+    logic.parameters.device, logic.parameters.device_chosen = "cpu", True
+    logic.start_device_probe()
+    run_until_finished(logic, "devices")
+    assert logic.parameters.device == "cpu"
+
+
+def test_out_of_gpu_memory_falls_back_to_the_cpu_with_a_message(panel, monkeypatch):
+    logic, volume, _, label, _ = panel
+    monkeypatch.setenv("FAKE_MODE", "oom")
+    p = logic.parameters
+    p.input_volume, p.model, p.device = volume, str(Path(logic.models_folder) / "tiny"), "cuda:0"
+    first = logic.start_segment()
+    updates = run_until_finished(logic, "segment")
+    assert "The GPU ran out of memory: segmenting on the CPU instead" in [u.text for u in updates]
+    assert any("CUDA out of memory" in line for u in updates for line in u.log)
+    final = updates[-1]
+    assert final.ok and final.result is p.segmentation, final.error
+    assert first.argv[first.argv.index("--device") + 1] == "cuda:0"
+    assert np.array_equal(liver_of(logic, final.result, volume), sitk.GetArrayFromImage(label) == 1)
+
+
+def test_a_bundle_is_imported_from_a_folder_or_a_zip_checked_first_and_never_over_another(panel, tiny_bundle,
+                                                                                          tmp_path):
+    import zipfile
+
+    logic = panel[0]
+    folder = tmp_path / "downloaded" / "three-organs"
+    import shutil
+    shutil.copytree(tiny_bundle, folder)
+    model = logic.import_model(folder)
+    assert model.usable and model.path == Path(logic.models_folder) / "three-organs"
+    assert logic.selected_model() == model and folder.is_dir()  # the source stays where it was
+    weights = (model.path / "weights.safetensors").read_bytes()
+
+    archive = tmp_path / "three-organs.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in folder.iterdir():
+            z.write(f, f"three-organs/{f.name}")
+    again = logic.import_model(archive)
+    assert again.path.name == "three-organs-2" and again.usable
+    assert (model.path / "weights.safetensors").read_bytes() == weights  # the first one is untouched
+    assert sorted(m.path.name for m in logic.models) == ["three-organs", "three-organs-2", "tiny"]
+
+    broken = tmp_path / "broken.zip"
+    with zipfile.ZipFile(broken, "w") as z:
+        z.write(folder / "model.json", "broken/model.json")  # no weights
+    with pytest.raises(ValueError, match=r"broken\.zip: .*weights\.safetensors: missing"):
+        logic.import_model(broken)
+    escaping = tmp_path / "escaping.zip"
+    with zipfile.ZipFile(escaping, "w") as z:
+        z.writestr("../outside/model.json", "{}")
+    with pytest.raises(ValueError, match="a path outside itself"):
+        logic.import_model(escaping)
+    with pytest.raises(ValueError, match="not a GuidedSeg model bundle"):
+        logic.import_model(tmp_path / "downloaded")  # a folder with no model.json where it looks
+    leftovers = [p.name for p in Path(logic.models_folder).iterdir()]
+    assert sorted(leftovers) == ["three-organs", "three-organs-2", "tiny"] and not (tmp_path / "outside").exists()
+
+
+def test_the_starter_model_trains_on_phantoms_in_the_background_and_is_selected(panel):
+    logic = panel[0]
+    job = logic.start_starter_training()
+    assert "--store" not in job.argv and job.argv[job.argv.index("--method") + 1] == "guidednet"
+    assert job.output.parent == Path(logic.models_folder) and job.output.name.startswith("starter-phantoms-")
+    final = run_until_finished(logic, "train")[-1]
+    assert final.ok and logic.selected_model().path == job.output / "bundle"

@@ -52,7 +52,8 @@ def draft_segmentation(tmp_path, scene, logic, volume, label):
     """What Segment leaves: the draft file and a segmentation node made from it, tagged."""
     draft = write_label_map(label, tmp_path / "draft.nrrd")
     node = nodes.label_file_to_segmentation(draft, NAMES, COLOURS, volume, scene, logic)
-    node.SetAttribute(nodes.DRAFT_ATTRIBUTE, str(draft))
+    nodes.set_draft(node, sitk.GetArrayFromImage(label), volume, scene)
+    draft.unlink()  # the draft lives in the scene, not in a (temporary) file
     node.SetAttribute(export.DRAFT_LABELS_ATTRIBUTE, json.dumps({str(v): n for v, n in NAMES.items()}))
     node.SetAttribute(nodes.MODEL_NAME_ATTRIBUTE, "tiny-bundle")
     return node
@@ -274,6 +275,77 @@ def test_export_with_nothing_edited_or_ticked_and_of_a_test_case_is_refused(tmp_
         export.plan_export(seg2, test_volume, store, logic, scene)
 
 
+def replace_segment(scene, logic, node, volume, name, mask):
+    """What painting in the Segment Editor leaves: segment ``name`` now holds exactly ``mask``."""
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    labelmap.CopyOrientation(volume)
+    slicer.util.updateVolumeFromArray(labelmap, mask.astype(np.uint8))
+    old = node.GetSegmentation().GetSegmentIdBySegmentName(name)
+    assert logic.ImportLabelmapToSegmentationNode(labelmap, node, "edited")
+    new = node.GetSegmentation().GetNthSegmentID(node.GetSegmentation().GetNumberOfSegments() - 1)
+    node.GetSegmentation().RemoveSegment(old)
+    node.GetSegmentation().GetSegment(new).SetName(name)
+    scene.RemoveNode(labelmap)
+
+
+def test_the_draft_is_a_hidden_node_beside_the_segmentation_and_tells_the_edits(tmp_path, mrml, case):
+    scene, logic = mrml
+    image, label = case
+    volume = volume_node(scene, image, "with draft")
+    seg = draft_segmentation(tmp_path, scene, logic, volume, label)
+    draft = nodes.draft_node(seg)
+    assert draft.GetHideFromEditors() and draft.IsA("vtkMRMLLabelMapVolumeNode")
+    assert not list(tmp_path.glob("*.nrrd"))  # no file holds it
+    assert np.array_equal(nodes.draft_array(seg, volume), sitk.GetArrayFromImage(label))
+    assert export.edited_segments(seg, volume, logic, scene) == []
+    spleen = sitk.GetArrayFromImage(label) == 2
+    spleen[:, :5] = False
+    replace_segment(scene, logic, seg, volume, "spleen", spleen)
+    assert export.edited_segments(seg, volume, logic, scene) == ["spleen"]
+    # a new draft for the same node replaces the old one (and removes it from the scene)
+    nodes.set_draft(seg, sitk.GetArrayFromImage(label), volume, scene)
+    assert draft.GetScene() is None and nodes.draft_node(seg) is not draft
+
+
+def test_deleting_a_segmentation_lets_its_draft_go_and_keeps_the_others(tmp_path, mrml, case):
+    scene, logic = mrml
+    image, label = case
+    volume = volume_node(scene, image, "two drafts")
+    kept = draft_segmentation(tmp_path, scene, logic, volume, label)
+    gone = draft_segmentation(tmp_path, scene, logic, volume, label)
+    gone_draft = nodes.draft_node(gone)
+    scene.RemoveNode(gone)
+    assert nodes.remove_orphan_drafts(scene) == 1
+    assert gone_draft.GetScene() is None and nodes.draft_node(kept).GetScene() is scene
+    assert nodes.remove_orphan_drafts(scene) == 0
+
+
+def test_without_its_draft_nothing_counts_as_edited_and_only_ticked_organs_are_recorded(tmp_path, mrml, case):
+    scene, logic = mrml
+    image, label = case
+    store = CaseStore.create(tmp_path / "store", STORE_LABELS)
+    volume = volume_node(scene, image, "draft gone")
+    seg = draft_segmentation(tmp_path, scene, logic, volume, label)
+    liver = sitk.GetArrayFromImage(label) == 1
+    liver[:2] = False
+    replace_segment(scene, logic, seg, volume, "liver", liver)
+    scene.RemoveNode(nodes.draft_node(seg))  # the draft is gone
+
+    assert export.edited_segments(seg, volume, logic, scene) is None
+    plan = export.plan_export(seg, volume, store, logic, scene)
+    assert plan.edited == [] and not plan.draft_found
+    assert all(not o.edited for o in plan.organs) and {o.value for o in plan.organs if o.voxels} == {1, 2, 3}
+    assert "No model draft found" in plan.summary() and "tick every organ you reviewed" in plan.summary()
+    before = dataset(store.root)
+    with pytest.raises(export.ExportRefused, match="none is ticked"):
+        export.perform_export(plan, store)
+    assert dataset(store.root) == before
+    stored = export.perform_export(plan, store, checked=[1])  # the annotator reviewed the liver only
+    assert stored.annotated == (1,) and stored.absent == ()
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(stored.label)))
+    assert np.array_equal(written == 1, liver) and set(np.unique(written)) == {0, 1}
+
+
 def test_settings_live_in_the_scenes_parameter_node(mrml, case):
     scene, _ = mrml
     params = PanelParameters(parameter_node(scene))
@@ -290,3 +362,5 @@ def test_settings_live_in_the_scenes_parameter_node(mrml, case):
     assert again.largest_component is False and again.segmentation is None
     with pytest.raises(ValueError, match="not one of"):
         again.method = "magic"
+    assert again.replace_segmentation is False  # Segment makes a new segmentation unless asked
+    assert params.node.GetAttribute("ModuleName") == "GuidedSeg"  # getAllParameterNodes() finds it

@@ -32,9 +32,16 @@ def test_each_missing_piece_is_named_and_keeps_its_button_off():
     broken = view(PanelState(**READY, model_problem="/m/x: is not valid JSON"))
     assert not broken.segment_enabled and "/m/x: is not valid JSON" in broken.message
     empty = view(PanelState(has_volume=True))
-    assert "holds no model bundle yet" in empty.message and not empty.segment_enabled
-    no_folder = view(PanelState(models_folder_problem="Choose a models folder (...)", has_store=True))
-    assert "Choose a models folder" in no_folder.message and not no_folder.train_enabled
+    assert empty.message.startswith("No model yet. Import a model bundle") and not empty.segment_enabled
+    assert "Train a starter model" in empty.message and empty.starter_visible
+    assert not view(PanelState(**READY)).starter_visible
+    training = view(PanelState(has_volume=True, training=True))
+    assert not training.starter_visible and "appears in the model list when done" in training.message
+    no_folder = view(PanelState(models_folder_problem="Choose a models folder (...)", models_folder_chosen=False,
+                                has_store=True))
+    assert no_folder.message.startswith("No model yet") and no_folder.starter_visible and not no_folder.train_enabled
+    gone = view(PanelState(models_folder_problem="/m: the models folder does not exist.", has_store=True))
+    assert gone.message.startswith("/m: the models folder does not exist.") and not gone.train_enabled
     no_store = view(PanelState(**{**READY, "has_store": False}, has_segmentation=True))
     assert not no_store.export_enabled and no_store.export_tooltip == "Choose a case store first"
     bad_store = view(PanelState(**READY, has_segmentation=True, store_problem="/s: is not a case store"))
@@ -63,25 +70,31 @@ def test_install_asks_first_and_installs_nothing_when_declined():
     assert len(calls) == 1 and "torch, monai, pyyaml" in calls[0] and "1-3 GB" in calls[0]
 
 
-def test_install_takes_torch_from_pytorch_utils_when_present_and_the_rest_from_pip():
-    pip, torch_calls = [], []
-    done = install.install(install.missing(lambda name: None if name in ("torch", "monai") else object()),
-                           confirm=lambda text: True, pip_install=pip.append,
+def test_install_is_one_action_torch_from_pytorch_utils_and_the_rest_in_one_call():
+    pip, torch_calls, ensured = [], [], []
+    questions = []
+    missing = install.missing(lambda name: None if name in ("torch", "monai", "yaml") else object())
+    done = install.install(missing, confirm=lambda text: questions.append(text) or True, pip_install=pip.append,
                            install_torch=lambda version: torch_calls.append(version) or True)
-    assert torch_calls == [install.TORCH_REQUIREMENT] and pip == ["monai>=1.3"]
-    assert done == [f"torch{install.TORCH_REQUIREMENT}", "monai>=1.3"]
+    assert len(questions) == 1 and torch_calls == [install.TORCH_REQUIREMENT] and pip == ["monai>=1.3 pyyaml>=6"]
+    assert done == [f"torch{install.TORCH_REQUIREMENT}", "monai>=1.3", "pyyaml>=6"]
     pip.clear()
-    install.install([install.REQUIREMENTS[0]], confirm=lambda text: True, pip_install=pip.append)
-    assert pip == [f"torch{install.TORCH_REQUIREMENT}"]  # no PyTorch Utils: pip
+    install.install(missing, confirm=lambda text: True, pip_install=pip.append, pip_ensure=ensured.append)
+    assert pip == [f"torch{install.TORCH_REQUIREMENT}"]  # no PyTorch Utils: one pip call for torch
+    assert ensured == [["monai>=1.3", "pyyaml>=6"]]  # Slicer 5.12: the rest through one pip_ensure
 
 
-def test_a_failed_install_names_the_package():
-    def pip(spec):
-        raise OSError("network unreachable")
-
-    with pytest.raises(RuntimeError, match=r"Installing monai>=1.3 failed: network unreachable"):
-        install.install([install.REQUIREMENTS[1]], confirm=lambda text: True, pip_install=pip)
-    assert install.install([], confirm=lambda text: pytest.fail("asked for nothing"), pip_install=pip) == []
+def test_install_takes_the_torch_build_the_user_chose():
+    pip, questions = [], []
+    install.install([install.REQUIREMENTS[0]], confirm=lambda text: questions.append(text) or True,
+                    pip_install=pip.append, torch_build="cpu")
+    assert pip == [f"torch{install.TORCH_REQUIREMENT} --index-url https://download.pytorch.org/whl/cpu"]
+    assert "CPU-only build" in questions[0]
+    pip.clear()
+    install.install([install.REQUIREMENTS[0]], confirm=lambda text: True, pip_install=pip.append, torch_build="cuda")
+    assert pip == [f"torch{install.TORCH_REQUIREMENT} --index-url https://download.pytorch.org/whl/cu126"]
+    with pytest.raises(ValueError, match="torch build 'rocm' is not one of"):
+        install.torch_pip_arguments("rocm")
 
 
 def test_organ_names_map_to_standard_codes():
@@ -89,3 +102,14 @@ def test_organ_names_map_to_standard_codes():
     assert terminology_entry("kidney-right").split("~")[2:4] == ["SCT^64033007^Kidney", "SCT^24028007^Right"]
     assert terminology_entry("inferior vena cava").split("~")[2] == "SCT^64131007^Inferior vena cava"
     assert terminology_entry("tumour blob") is None
+
+
+def test_long_paths_are_elided_to_their_last_parts():
+    from GuidedSegPanel.state import elide_path
+
+    long = "/tmp/pytest-of-someone/pytest-113/test_a_long_name_here0/models/three-organs"
+    short = elide_path(long)
+    assert short == ".../test_a_long_name_here0/models/three-organs" and len(short) <= 48
+    assert elide_path(long, limit=30) == ".../models/three-organs"
+    assert elide_path("/data/models") == "/data/models"
+    assert len(elide_path("/x/" + "y" * 80)) <= 48 and elide_path("/x/" + "y" * 80).endswith("yyyy")

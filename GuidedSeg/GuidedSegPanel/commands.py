@@ -38,9 +38,18 @@ def library_root() -> Path:
     return Path(GuidedSegLib.__file__).resolve().parent.parent
 
 
+#: where the installed extension keeps Training/ (beside GuidedSegLib, one folder down, so that the
+#: name "Training" is not an importable package on Slicer's sys.path)
+INSTALLED_TRAINING = "GuidedSeg-training"
+
+
 def train_script() -> Path:
-    """Training/train.py beside GuidedSegLib."""
-    return library_root() / "Training" / "train.py"
+    """Training/train.py: beside GuidedSegLib in a checkout, under GuidedSeg-training/ when installed."""
+    root = library_root()
+    for candidate in (root / "Training" / "train.py", root / INSTALLED_TRAINING / "Training" / "train.py"):
+        if candidate.is_file():
+            return candidate
+    return root / "Training" / "train.py"
 
 
 def python_executable() -> str:
@@ -77,10 +86,11 @@ def segment_command(python: str, bundle: str | os.PathLike, image: str | os.Path
     return argv + ["--progress", "json"]
 
 
-def train_command(python: str, store: str | os.PathLike, output: str | os.PathLike, method: str = "guidednet",
+def train_command(python: str, store: str | os.PathLike | None, output: str | os.PathLike, method: str = "guidednet",
                   device: str | None = None, script: str | os.PathLike | None = None) -> list[str]:
-    argv = [python, str(script or train_script()), "--store", str(store), "--output", str(output),
-            "--progress", "json", "--method", method]
+    """train.py on a case store; without a store, on fresh synthetic phantoms (the starter model)."""
+    argv = [python, str(script or train_script())] + (["--store", str(store)] if store else []) + [
+        "--output", str(output), "--progress", "json", "--method", method]
     if device:
         argv += ["--device", device]
     return argv
@@ -89,11 +99,18 @@ def train_command(python: str, store: str | os.PathLike, output: str | os.PathLi
 # The device probe runs in a child so that Slicer itself never imports torch (or CUDA).
 _PROBE = """
 import json
+from importlib import metadata
 devices = [{"id": "cpu", "name": "CPU"}]
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 try:
     import torch
 except ImportError:
-    print(json.dumps({"stage": "done", "progress": 1.0, "devices": devices, "torch": None}))
+    print(json.dumps({"stage": "done", "progress": 1.0, "devices": devices, "torch": None,
+                      "monai": version("monai")}))
     raise SystemExit(0)
 if torch.cuda.is_available():
     for i in range(torch.cuda.device_count()):
@@ -101,7 +118,8 @@ if torch.cuda.is_available():
 mps = getattr(torch.backends, "mps", None)
 if mps is not None and mps.is_available():
     devices.append({"id": "mps", "name": "Apple GPU (MPS)"})
-print(json.dumps({"stage": "done", "progress": 1.0, "devices": devices, "torch": torch.__version__}))
+print(json.dumps({"stage": "done", "progress": 1.0, "devices": devices, "torch": torch.__version__,
+                  "cuda": torch.version.cuda, "monai": version("monai")}))
 """
 
 
@@ -116,6 +134,31 @@ def devices_from_probe(record: dict | None) -> list[tuple[str, str]]:
         if isinstance(item, dict) and isinstance(item.get("id"), str):
             devices.append((item["id"], str(item.get("name") or item["id"])))
     return devices or [("cpu", "CPU")]
+
+
+def environment_from_probe(record: dict | None) -> dict[str, str | None]:
+    """The versions the probe found: torch, the CUDA it was built for (None: a CPU build), MONAI."""
+    record = record or {}
+    return {key: (str(record[key]) if record.get(key) else None) for key in ("torch", "cuda", "monai")}
+
+
+def environment_text(environment: dict | None, device_name: str | None) -> str:
+    """One line for the panel, e.g. "PyTorch 2.13.0 (CUDA 12.6), MONAI 1.6.1. Segment runs on: GPU 0: ..."."""
+    if not environment:
+        return "Checking PyTorch and the devices..."
+    if not environment.get("torch"):
+        return "PyTorch is not installed in Slicer's Python."
+    build = f"CUDA {environment['cuda']}" if environment.get("cuda") else "CPU build"
+    monai = f"MONAI {environment['monai']}" if environment.get("monai") else "no MONAI"
+    return f"PyTorch {environment['torch']} ({build}), {monai}. Segment runs on: {device_name or 'CPU'}"
+
+
+#: what a child's error says when the GPU ran out of memory (PyTorch's CUDA and MPS messages)
+OUT_OF_MEMORY = ("out of memory", "outofmemoryerror", "cuda_error_out_of_memory", "mps backend out of memory")
+
+
+def out_of_memory(error: str | None) -> bool:
+    return bool(error) and any(marker in error.lower() for marker in OUT_OF_MEMORY)
 
 
 def stage_text(stage: str, record: dict, stages: dict[str, str]) -> str:

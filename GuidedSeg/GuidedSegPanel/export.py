@@ -10,8 +10,10 @@ background):
 - every other organ stays **unannotated**: its voxels are left out of the stored label, so a
   model's unchecked guess never becomes ground truth.
 
-Without a draft (the segmentation was not made by Segment, or its draft file is gone) every
-non-empty segment counts as edited.
+The draft is kept beside the segmentation node, as a hidden label map node it references
+(``nodes.set_draft``). Without a draft (the segmentation was not made by Segment, or its draft
+node was deleted) nothing counts as edited: the annotator ticks every organ they reviewed, so a
+model's unreviewed output never enters a store as annotated.
 
 Where the label goes: when the volume is a case of the store (it was loaded from the store's
 image file, or exported before), a new label version of that case (``CaseStore.ingest_label``;
@@ -33,7 +35,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from GuidedSegLib.geometry import Grid
-from GuidedSegLib.imageio import read_label_map
 from GuidedSegLib.labels import normalise_name
 from GuidedSegLib.store import CASE_ID, Case, CaseStore
 
@@ -112,7 +113,8 @@ class ExportPlan:
                  else f"new labeled case {self.case_id}")
         lines = [f"Store: {self.store_root}", f"Writes: {where}"]
         if not self.draft_found:
-            lines.append("No model draft found: every non-empty segment counts as edited.")
+            lines.append("No model draft found for this segmentation, so no segment counts as edited: "
+                         "tick every organ you reviewed.")
         lines += [f"Counted as annotated: {listed(annotated)}",
                   f"Checked and absent: {listed(absent)}",
                   f"Not annotated (unknown to training, left out of the label): {listed(unannotated, mark=False)}"]
@@ -171,15 +173,43 @@ def new_case_id(store: CaseStore, name: str) -> str:
     return candidate
 
 
-def _draft(segmentation_node, grid: Grid) -> tuple[np.ndarray | None, dict[str, int]]:
+def _draft(segmentation_node, volume_node) -> tuple[np.ndarray | None, dict[str, int]]:
     """The draft label array (K, J, I) and its name -> value map, or (None, {}) when unavailable."""
-    path = segmentation_node.GetAttribute(nodes.DRAFT_ATTRIBUTE)
     text = segmentation_node.GetAttribute(DRAFT_LABELS_ATTRIBUTE)
-    if not path or not Path(path).is_file() or not text:
+    if not text:
         return None, {}
-    names = {int(v): n for v, n in json.loads(text).items()}
-    label = read_label_map(path, label_names=names, reference=grid)
-    return sitk.GetArrayFromImage(label.image), {normalise_name(n): v for v, n in names.items()}
+    try:
+        names = {int(v): str(n) for v, n in json.loads(text).items()}
+    except (ValueError, AttributeError):
+        return None, {}
+    draft = nodes.draft_array(segmentation_node, volume_node)
+    if draft is None:
+        return None, {}
+    return draft, {normalise_name(n): v for v, n in names.items()}
+
+
+def _differs(mask: np.ndarray, name: str, draft: np.ndarray, draft_values: dict[str, int]) -> bool:
+    draft_value = draft_values.get(normalise_name(name))
+    reference = draft == draft_value if draft_value is not None else np.zeros_like(mask)
+    return not np.array_equal(mask, reference)
+
+
+def edited_segments(segmentation_node, volume_node, segmentations_logic, scene) -> list[str] | None:
+    """Names of the segments whose voxels differ from the model's draft (deleted organs of the
+    draft included); None when there is no draft to compare with."""
+    draft, draft_values = _draft(segmentation_node, volume_node)
+    if draft is None:
+        return None
+    edited, seen = [], set()
+    for segment_id, name in nodes.segments(segmentation_node):
+        mask = nodes.segment_mask(segmentation_node, segment_id, volume_node, segmentations_logic, scene)
+        seen.add(normalise_name(name))
+        if _differs(mask, name, draft, draft_values):
+            edited.append(name)
+    for key, value in draft_values.items():
+        if key not in seen and np.any(draft == value):
+            edited.append(key)  # the segment was deleted
+    return edited
 
 
 def plan_export(segmentation_node, volume_node, store: CaseStore, segmentations_logic, scene) -> ExportPlan:
@@ -202,7 +232,7 @@ def plan_export(segmentation_node, volume_node, store: CaseStore, segmentations_
         raise ExportRefused(f"This volume is test case {case.case_id} of the store; test cases are never used "
                             "for training, so their labels are not replaced. Nothing was written.")
     grid = nodes.volume_grid(volume_node)
-    draft, draft_values = _draft(segmentation_node, grid)
+    draft, draft_values = _draft(segmentation_node, volume_node)
 
     shape = tuple(reversed(grid.size))
     label = np.zeros(shape, np.uint8 if max(store.organs, default=0) <= 255 else np.uint16)
@@ -212,12 +242,7 @@ def plan_export(segmentation_node, volume_node, store: CaseStore, segmentations_
         mask = nodes.segment_mask(segmentation_node, segment_id, volume_node, segmentations_logic, scene)
         value = values[name]
         voxels = int(np.count_nonzero(mask))
-        if draft is None:
-            edited = voxels > 0
-        else:
-            draft_value = draft_values.get(normalise_name(name))
-            reference = draft == draft_value if draft_value is not None else np.zeros_like(mask)
-            edited = not np.array_equal(mask, reference)
+        edited = draft is not None and _differs(mask, name, draft, draft_values)  # no draft: the user ticks
         organs[value] = OrganChoice(value, store.organs[value], name, voxels, edited)
         painted.append((voxels, value, mask))
     for _, value, mask in sorted(painted, key=lambda item: -item[0]):  # where segments overlap, the smaller wins

@@ -13,9 +13,14 @@ import json
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
+
+import SimpleITK as sitk
+
+from GuidedSegLib.imageio import read_label_map
 
 from . import commands, nodes
 from .export import DRAFT_LABELS_ATTRIBUTE
@@ -33,6 +38,7 @@ class Update:
     ok: bool = False
     error: str | None = None  # one readable line when a finished job failed
     result: object = None  # segment: the output file; train: the bundle folder; devices: [(id, name)]
+    elapsed_s: float | None = None  # a finished job: seconds from start to end
 
 
 class Job:
@@ -45,8 +51,10 @@ class Job:
         self.argv = argv
         self.process = runner(argv, env=commands.child_environment())
         self.reported_end = False
+        self.started: float | None = None
 
     def start(self) -> Job:
+        self.started = time.monotonic()
         self.process.start()
         return self
 
@@ -73,7 +81,9 @@ class Job:
             updates.append(Update(self.task, log=log))
         if self.process.finished and not self.reported_end:
             self.reported_end = True
-            updates.append(self._finish())
+            final = self._finish()
+            final.elapsed_s = time.monotonic() - self.started if self.started is not None else None
+            updates.append(final)
         return updates
 
     def _finish(self) -> Update:
@@ -108,7 +118,10 @@ class SegmentJob(Job):
                  ensemble: bool = False, largest_component: bool = False, runner=ChildProcess):
         if not model.usable:
             raise ValueError(model.problem)
-        self.volume_node, self.model = volume_node, model
+        self.volume_node, self.model, self.device = volume_node, model, device
+        self.options = {"ensemble": ensemble, "largest_component": largest_component}
+        self.replace = None  # the segmentation node whose segments the result replaces (None: a new node)
+        self.replace_edits: list[str] = []  # its corrections the user agreed to lose
         self.folder = Path(tempfile.mkdtemp(prefix="segment-", dir=work_root))
         self.input = self.folder / "input.nrrd"
         self.output = self.folder / "draft.nrrd"
@@ -123,22 +136,29 @@ class SegmentJob(Job):
     def result(self) -> Path:
         if not self.output.is_file():
             raise ValueError(f"{self.output}: the segmentation finished but wrote no label map")
-        self.input.unlink(missing_ok=True)  # the draft stays: it tells which segments get edited
+        self.input.unlink(missing_ok=True)
         return self.output
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def load(self, scene, segmentations_logic, segmentation_node=None):
-        """The draft as a segmentation node with the bundle's names and colours, tagged with the
-        draft file and the model (for the export's edit detection and provenance)."""
-        node = nodes.label_file_to_segmentation(
-            self.output, self.model.labels, self.model.colours, self.volume_node, scene, segmentations_logic,
-            node_name=f"{self.volume_node.GetName()} {self.model.name}", segmentation_node=segmentation_node)
-        node.SetAttribute(nodes.DRAFT_ATTRIBUTE, str(self.output))
+        """The result as a segmentation node (a new one, or ``segmentation_node`` with its segments
+        replaced) with the bundle's names and colours. The draft is kept in the scene beside it,
+        as a hidden label map node (``nodes.set_draft``), for the export's edit detection; the work
+        folder in Slicer's temporary folder is then removed."""
+        label = read_label_map(self.output, label_names={int(v): n for v, n in self.model.labels.items()},
+                               reference=nodes.volume_grid(self.volume_node))
+        name = f"{self.volume_node.GetName()} {self.model.name}"
+        node = nodes.label_to_segmentation(
+            label.image, self.model.labels, self.model.colours, self.volume_node, scene, segmentations_logic,
+            node_name=scene.GenerateUniqueName(name) if segmentation_node is None else name,
+            segmentation_node=segmentation_node)
+        nodes.set_draft(node, sitk.GetArrayFromImage(label.image), self.volume_node, scene)
         node.SetAttribute(DRAFT_LABELS_ATTRIBUTE, json.dumps({str(v): n for v, n in self.model.labels.items()}))
         node.SetAttribute(nodes.MODEL_ATTRIBUTE, str(self.model.path))
         node.SetAttribute(nodes.MODEL_NAME_ATTRIBUTE, self.model.name)
+        self.discard()
         return node
 
 
@@ -180,6 +200,8 @@ class DeviceProbe(Job):
 
     def __init__(self, python: str, runner=ChildProcess):
         super().__init__(commands.device_probe_command(python), runner)
+        self.environment: dict[str, str | None] = {}
 
     def result(self) -> list[tuple[str, str]]:
+        self.environment = commands.environment_from_probe(self.process.result)
         return commands.devices_from_probe(self.process.result)

@@ -14,8 +14,8 @@ from pathlib import Path
 from GuidedSegLib.errors import GuidedSegError
 from GuidedSegLib.store import CaseStore
 
-from . import commands, install, models
-from .export import ExportPlan, perform_export, plan_export
+from . import commands, install, models, nodes
+from .export import ExportPlan, edited_segments, perform_export, plan_export
 from .jobs import DeviceProbe, SegmentJob, TrainJob, Update
 from .parameters import PanelParameters, parameter_node
 from .process import ChildProcess
@@ -35,6 +35,7 @@ class PanelLogic:
         self.models: list[models.ModelInfo] = []
         self.jobs: dict[str, object] = {}  # task -> running job
         self.devices: list[tuple[str, str]] = [("cpu", "CPU")]
+        self.environment: dict[str, str | None] = {}  # torch / cuda / monai versions, from the probe
         self._store: CaseStore | None = None
         self._store_problem: str | None = None
         self._store_path = None
@@ -51,6 +52,13 @@ class PanelLogic:
     def refresh_models(self) -> list[models.ModelInfo]:
         self.models = models.list_models(self.models_folder) if not models.folder_problem(self.models_folder) else []
         return self.models
+
+    def import_model(self, source) -> models.ModelInfo:
+        """Import a bundle (folder or .zip) into the models folder, checked first, and select it."""
+        model = models.import_bundle(source, self.models_folder)
+        self.refresh_models()
+        self.parameters.model = str(model.path)
+        return model
 
     def selected_model(self) -> models.ModelInfo | None:
         chosen = self.parameters.model
@@ -81,7 +89,14 @@ class PanelLogic:
     def running(self, task: str) -> bool:
         return task in self.jobs
 
-    def start_segment(self) -> SegmentJob:
+    def start_segment(self, confirm_replace=None) -> SegmentJob | None:
+        """Start segmenting the chosen volume with the chosen model.
+
+        The result goes into a new segmentation node, unless "replace" is chosen and the chosen
+        segmentation belongs to this volume. Replacing a node whose segments differ from its model
+        draft (the annotator's corrections) asks ``confirm_replace(question)`` first; without a
+        callback, or when it says no, nothing starts and None is returned.
+        """
         p = self.parameters
         model = self.selected_model()
         if p.input_volume is None:
@@ -90,10 +105,47 @@ class PanelLogic:
             raise ValueError("Choose a model first.")
         if self.running("segment"):
             raise ValueError("A segmentation is already running.")
+        target = self.replace_target()
+        edits = self.corrections(target) if target is not None else []
+        if edits:
+            question = self.replace_question(target, edits)
+            if confirm_replace is None or not confirm_replace(question):
+                return None
         job = SegmentJob(p.input_volume, model, p.device, python=self.python, work_root=self.work_root,
                          ensemble=p.ensemble, largest_component=p.largest_component, runner=self.runner)
+        job.replace, job.replace_edits = target, edits
         self.jobs["segment"] = job.start()
         return job
+
+    def replace_target(self):
+        """The segmentation node a Segment would replace: the chosen one, when "replace" is ticked and it
+        was made on the chosen volume; None means a new node."""
+        p = self.parameters
+        node, volume = p.segmentation, p.input_volume
+        if not p.replace_segmentation or node is None or node.GetScene() is None or volume is None:
+            return None
+        reference = node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole())
+        return node if reference is not None and reference.GetID() == volume.GetID() else None
+
+    def corrections(self, node) -> list[str]:
+        """What replacing ``node`` would throw away: the names of its segments that differ from the
+        model's draft; every non-empty segment when it has no draft (it may all be hand-made)."""
+        volume = self.parameters.input_volume
+        edited = edited_segments(node, volume, self.segmentations_logic, self.scene)
+        if edited is not None:
+            return edited
+        out = []
+        for segment_id, name in nodes.segments(node):
+            if nodes.segment_mask(node, segment_id, volume, self.segmentations_logic, self.scene).any():
+                out.append(name)
+        return out
+
+    @staticmethod
+    def replace_question(node, edits) -> str:
+        shown = ", ".join(edits[:6]) + (f" and {len(edits) - 6} more" if len(edits) > 6 else "")
+        return (f"{node.GetName()} holds corrections ({shown}) that replacing its segments would lose. "
+                "Replace them with the model's new result? (Cancel keeps them; untick \"Segment into this "
+                "segmentation\" to get a new segmentation instead.)")
 
     def start_train(self) -> TrainJob:
         store = self.store()
@@ -107,6 +159,19 @@ class PanelLogic:
         p = self.parameters
         job = TrainJob(store.root, self.models_folder, p.method, p.device, python=self.python, store_name=store.name,
                        runner=self.runner)
+        self.jobs["train"] = job.start()
+        return job
+
+    def start_starter_training(self) -> TrainJob:
+        """Train a starter model on fresh synthetic phantoms (what the README's demo trains), in the
+        background, into the models folder; the new bundle is listed and selected when done."""
+        problem = models.folder_problem(self.models_folder)
+        if problem:
+            raise ValueError(problem)
+        if self.running("train"):
+            raise ValueError("Training is already running.")
+        job = TrainJob(None, self.models_folder, "guidednet", self.parameters.device, python=self.python,
+                       store_name="starter-phantoms", runner=self.runner)
         self.jobs["train"] = job.start()
         return job
 
@@ -132,16 +197,38 @@ class PanelLogic:
                     del self.jobs[task]
                     if update.ok:
                         update = self._on_success(job, update)
+                    elif self._fall_back_to_cpu(job, update):
+                        updates.append(Update(task, "The GPU ran out of memory: segmenting on the CPU instead",
+                                              0.0, log=[f"{job.device}: {update.error}; running again on the CPU"]))
+                        continue
                 updates.append(update)
         return updates
 
+    def _fall_back_to_cpu(self, job, update: Update) -> bool:
+        """A Segment that ran out of GPU memory starts again on the CPU (same volume, model, target)."""
+        if not isinstance(job, SegmentJob) or job.device == "cpu" or not commands.out_of_memory(update.error):
+            return False
+        try:  # the volume may have gone meanwhile: then the out-of-memory failure is what the user sees
+            again = SegmentJob(job.volume_node, job.model, "cpu", python=self.python, work_root=self.work_root,
+                               runner=self.runner, **job.options)
+        except (GuidedSegError, ValueError, OSError):
+            return False
+        again.replace, again.replace_edits = job.replace, job.replace_edits
+        self.jobs["segment"] = again.start()
+        return True
+
+    def device_name(self) -> str:
+        device = self.parameters.device
+        return dict(self.devices).get(device, device)
+
     def _on_success(self, job, update: Update) -> Update:
         if isinstance(job, SegmentJob):
+            target = self._replaceable(job)
             try:
-                node = job.load(self.scene, self.segmentations_logic, self._reusable_segmentation(job))
+                node = job.load(self.scene, self.segmentations_logic, target)
             except (GuidedSegError, ValueError, OSError) as error:
                 job.discard()
-                return Update(job.task, "Failed", finished=True, error=str(error))
+                return Update(job.task, "Failed", finished=True, error=str(error), elapsed_s=update.elapsed_s)
             self.parameters.segmentation = node
             update.result = node
         elif isinstance(job, TrainJob):
@@ -149,18 +236,21 @@ class PanelLogic:
             self.parameters.model = str(update.result)
         elif isinstance(job, DeviceProbe):
             self.devices = update.result
-            if self.parameters.device not in [d for d, _ in self.devices]:
-                self.parameters.device = "cpu"
+            self.environment = job.environment
+            ids = [d for d, _ in self.devices]
+            p = self.parameters
+            if not p.device_chosen or p.device not in ids:  # the GPU by default, as found
+                p.device = next((d for d in ids if d != "cpu"), "cpu")
         return update
 
-    def _reusable_segmentation(self, job: SegmentJob):
-        """Segmenting the same volume again replaces the segments of the panel's segmentation
-        node when it was made from that volume; otherwise a new node is made."""
-        node = self.parameters.segmentation
-        if node is None or node.GetScene() is None:
+    def _replaceable(self, job: SegmentJob):
+        """The node chosen for replacement at start, if it is still there and holds no corrections
+        beyond those the user agreed to lose (edits made while the model ran keep it: a new node is
+        made instead)."""
+        target = job.replace
+        if target is None or target.GetScene() is None:
             return None
-        reference = node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole())
-        return node if reference is not None and reference.GetID() == job.volume_node.GetID() else None
+        return target if self.corrections(target) == list(job.replace_edits) else None
 
     # export ------------------------------------------------------------------------------------
     def plan_export(self) -> ExportPlan:
@@ -189,6 +279,7 @@ class PanelLogic:
             missing_packages=[r.package for r in self.missing_packages()],
             has_volume=p.input_volume is not None,
             models_folder_problem=folder_problem,
+            models_folder_chosen=bool(self.models_folder),
             model_count=len(self.models),
             model_problem=model.problem if model is not None else None,
             has_model=model is not None,

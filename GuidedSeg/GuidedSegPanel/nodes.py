@@ -28,6 +28,7 @@ import slicer
 import vtk
 from slicer.util import arrayFromVolume, updateVolumeFromArray
 
+from GuidedSegLib.errors import GuidedSegError
 from GuidedSegLib.geometry import Grid
 from GuidedSegLib.imageio import read_image, read_label_map, write_image
 from GuidedSegLib.labels import label_colour
@@ -37,7 +38,10 @@ from .terminology import terminology_entry
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 #: node attributes the panel sets on a segmentation it made, saved with the scene
-DRAFT_ATTRIBUTE = "GuidedSeg.DraftFile"  # the label map the model produced (to tell what was edited)
+DRAFT_ATTRIBUTE = "GuidedSeg.DraftFile"  # older panels: a draft file path (read when no draft node exists)
+#: node reference from a segmentation to the hidden label map volume holding the model's draft
+DRAFT_ROLE = "GuidedSeg.Draft"
+ROLE_ATTRIBUTE = "GuidedSeg.Role"  # "draft" on the hidden draft node
 MODEL_ATTRIBUTE = "GuidedSeg.Model"  # the bundle folder that made the draft (provenance)
 MODEL_NAME_ATTRIBUTE = "GuidedSeg.ModelName"
 #: node attributes set on a volume once it is a case of a store (so a second export adds a version)
@@ -202,6 +206,79 @@ def label_file_to_segmentation(path: str | os.PathLike, names, colours, referenc
 
 # ----------------------------------------------------------------------------------------------
 # segmentation -> masks
+
+
+# ----------------------------------------------------------------------------------------------
+# the model's draft, kept beside the segmentation node
+
+
+def set_draft(segmentation_node, label: np.ndarray, reference_volume, scene):
+    """Keep ``label`` (K, J, I, on the reference volume's grid) as the segmentation's draft: a hidden
+    label map volume node in the scene that the segmentation references (role :data:`DRAFT_ROLE`).
+
+    The draft lives as long as the segmentation node does, wherever Slicer's temporary folder goes;
+    a draft made earlier for this node is replaced (and removed from the scene).
+    """
+    grid = volume_grid(reference_volume)
+    if tuple(reversed(label.shape)) != grid.size:
+        raise NodeError(reference_volume, f"the draft's shape {label.shape} is not the volume's {grid.size[::-1]}")
+    old = draft_node(segmentation_node)
+    draft = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode",
+                                    scene.GenerateUniqueName(f"{segmentation_node.GetName()} GuidedSeg draft"))
+    draft.SetHideFromEditors(True)
+    draft.SetAttribute(ROLE_ATTRIBUTE, "draft")
+    draft.CopyOrientation(reference_volume)
+    updateVolumeFromArray(draft, label.astype(np.uint8 if label.max(initial=0) <= 255 else np.uint16))
+    transform = reference_volume.GetParentTransformNode()
+    draft.SetAndObserveTransformNodeID(transform.GetID() if transform else None)
+    segmentation_node.SetNodeReferenceID(DRAFT_ROLE, draft.GetID())
+    segmentation_node.RemoveAttribute(DRAFT_ATTRIBUTE)
+    if old is not None and old.GetScene() is not None:
+        scene.RemoveNode(old)
+    return draft
+
+
+def draft_node(segmentation_node):
+    """The hidden draft node of a segmentation, or None."""
+    return segmentation_node.GetNodeReference(DRAFT_ROLE) if segmentation_node is not None else None
+
+
+def remove_orphan_drafts(scene) -> int:
+    """Remove the hidden draft nodes whose segmentation node is gone; returns how many."""
+    referenced = set()
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
+        draft = draft_node(scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode"))
+        if draft is not None:
+            referenced.add(draft.GetID())
+    orphans = []
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLLabelMapVolumeNode")
+        if node.GetAttribute(ROLE_ATTRIBUTE) == "draft" and node.GetID() not in referenced:
+            orphans.append(node)
+    for node in orphans:
+        scene.RemoveNode(node)
+    return len(orphans)
+
+
+def draft_array(segmentation_node, reference_volume) -> np.ndarray | None:
+    """The model's draft as a (K, J, I) array on the reference volume's grid, or None when there is
+    none (not made by Segment, the draft node was deleted, or it does not lie on this volume's grid)."""
+    draft = draft_node(segmentation_node)
+    if draft is None:
+        path = segmentation_node.GetAttribute(DRAFT_ATTRIBUTE)  # made by an older panel
+        if not path or not Path(path).is_file():
+            return None
+        grid = volume_grid(reference_volume)
+        try:
+            image = read_label_map(path, reference=grid).image
+        except (OSError, ValueError, GuidedSegError):
+            return None
+        return sitk.GetArrayFromImage(image)
+    if draft.GetImageData() is None:
+        return None
+    if volume_grid(draft).mismatch(volume_grid(reference_volume), tolerance=1e-6):
+        return None
+    return arrayFromVolume(draft).copy()
 
 
 def segments(segmentation_node) -> list[tuple[str, str]]:

@@ -21,6 +21,8 @@ def parameter_node(scene):
         node.SetModuleName(MODULE_NAME)
         node.SetName(f"{MODULE_NAME} parameters")
         node = scene.AddNode(node)
+    if node.GetAttribute("ModuleName") != MODULE_NAME:  # what slicer.util.getModuleLogic(...).getAllParameterNodes() finds
+        node.SetAttribute("ModuleName", MODULE_NAME)
     return node
 
 
@@ -57,6 +59,15 @@ class PanelParameters:
         self._set("Device", value or "cpu")
 
     @property
+    def device_chosen(self) -> bool:
+        """The user picked the device; until then the panel takes the first GPU the probe finds."""
+        return self._get("DeviceChosen", "false") == "true"
+
+    @device_chosen.setter
+    def device_chosen(self, value: bool) -> None:
+        self._set("DeviceChosen", "true" if value else "false")
+
+    @property
     def ensemble(self) -> bool:
         return self._get("Ensemble", "false") == "true"
 
@@ -71,6 +82,15 @@ class PanelParameters:
     @largest_component.setter
     def largest_component(self, value: bool) -> None:
         self._set("LargestComponent", "true" if value else "false")
+
+    @property
+    def replace_segmentation(self) -> bool:
+        """Segment into the chosen segmentation node (replacing its segments) instead of a new node."""
+        return self._get("ReplaceSegmentation", "false") == "true"
+
+    @replace_segmentation.setter
+    def replace_segmentation(self, value: bool) -> None:
+        self._set("ReplaceSegmentation", "true" if value else "false")
 
     @property
     def store(self) -> str:

@@ -16,6 +16,7 @@ class PanelState:
     missing_packages: list[str] = field(default_factory=list)  # pip names still to install
     has_volume: bool = False
     models_folder_problem: str | None = None
+    models_folder_chosen: bool = True  # False: none chosen yet (import and the starter model use a default)
     model_count: int = 0
     model_problem: str | None = None  # the chosen bundle cannot be used (why), or None
     has_model: bool = False
@@ -42,6 +43,7 @@ class PanelView:
     train_text: str
     train_tooltip: str
     inputs_enabled: bool  # volume, model and device choices (locked while segmenting)
+    starter_visible: bool  # "Train a starter model": there is no model and nothing is training
     message: str  # the most useful thing to say now; "" when nothing needs saying
 
 
@@ -50,10 +52,15 @@ def view(state: PanelState) -> PanelView:
     if state.missing_packages:
         messages.append(f"Slicer's Python lacks {', '.join(state.missing_packages)}: Segment and Train need them. "
                         "Click Install (you are asked first; it downloads about 1-3 GB).")
-    if state.models_folder_problem:
+    no_model = state.model_count == 0
+    if state.models_folder_chosen and state.models_folder_problem:
         messages.append(state.models_folder_problem)
-    elif state.model_count == 0:
-        messages.append("The models folder holds no model bundle yet: add one, or train one from a case store below.")
+    elif no_model and not state.training:
+        messages.append("No model yet. Import a model bundle (a folder or a .zip; it is checked before it is listed), "
+                        "train one from a case store in the Train section, or click \"Train a starter model\": "
+                        "it learns from synthetic phantoms in the background (minutes on a GPU, longer on a CPU).")
+    elif no_model and state.training:
+        messages.append("Training a model; it appears in the model list when done.")
     elif state.model_problem:
         messages.append(state.model_problem)
 
@@ -102,5 +109,21 @@ def view(state: PanelState) -> PanelView:
         train_text="Cancel training" if state.training else "Train",
         train_tooltip=train_tip,
         inputs_enabled=not state.segmenting,
+        starter_visible=no_model and not state.training and state.train_script_found,
         message="\n".join(messages),
     )
+
+
+def elide_path(path, limit: int = 48) -> str:
+    """A path short enough for a label that must not widen the panel: its last parts after "...",
+    e.g. ".../models/three-organs" (the whole path goes in the tooltip)."""
+    text = str(path)
+    if len(text) <= limit:
+        return text
+    parts = text.replace("\\", "/").split("/")
+    tail = parts[-1]
+    for part in reversed(parts[:-1]):
+        if len(part) + len(tail) + 5 > limit:
+            break
+        tail = f"{part}/{tail}"
+    return "..." + ("/" if not tail.startswith("/") else "") + (tail if len(tail) <= limit - 4 else tail[-(limit - 4):])

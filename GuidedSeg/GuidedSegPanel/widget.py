@@ -5,6 +5,9 @@ what is said, what an export records) is made in the plain-Python modules beside
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import ctk  # noqa: F401  (registers the ctk widgets the .ui uses)
 import qt
 import slicer
@@ -13,7 +16,7 @@ from slicer.util import VTKObservationMixin
 
 from GuidedSegLib.errors import GuidedSegError
 
-from . import install, state
+from . import commands, install, nodes, state
 from .export import ExportPlan, ExportRefused
 from .logic import PanelLogic
 from .parameters import METHODS
@@ -31,6 +34,7 @@ class PanelWidget(VTKObservationMixin):
         self.logic = logic or PanelLogic(slicer.mrmlScene, slicer.modules.segmentations.logic(),
                                          work_root=slicer.app.temporaryPath)
         self._updating = False
+        self._cleanup_pending = False
         self._observed_parameters = None
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
@@ -38,6 +42,9 @@ class PanelWidget(VTKObservationMixin):
 
         ui = self.ui
         ui.methodComboBox.addItems(list(METHODS))
+        for box in (ui.modelComboBox, ui.deviceComboBox):  # long model and GPU names must not widen the panel
+            box.setSizeAdjustPolicy(qt.QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            box.setMinimumContentsLength(12)
         ui.segmentProgressBar.setVisible(False)
         ui.trainProgressBar.setVisible(False)
         ui.modelsFolderPathLineEdit.currentPath = qt.QSettings().value(MODELS_FOLDER_SETTING, "")
@@ -47,20 +54,26 @@ class PanelWidget(VTKObservationMixin):
         ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.on_gui_changed)
         ui.modelComboBox.connect("currentIndexChanged(int)", self.on_gui_changed)
         ui.deviceComboBox.connect("currentIndexChanged(int)", self.on_gui_changed)
+        ui.deviceComboBox.connect("activated(int)", self.on_device_chosen)
         ui.methodComboBox.connect("currentIndexChanged(int)", self.on_gui_changed)
         ui.ensembleCheckBox.connect("toggled(bool)", self.on_gui_changed)
         ui.largestComponentCheckBox.connect("toggled(bool)", self.on_gui_changed)
+        ui.replaceSegmentationCheckBox.connect("toggled(bool)", self.on_gui_changed)
         ui.storePathLineEdit.connect("currentPathChanged(QString)", self.on_gui_changed)
         ui.modelsFolderPathLineEdit.connect("currentPathChanged(QString)", self.on_models_folder_changed)
         ui.refreshModelsButton.connect("clicked()", self.on_refresh_models)
+        ui.importModelButton.connect("clicked()", self.on_import_model)
+        ui.starterModelButton.connect("clicked()", self.on_starter_model)
         ui.installButton.connect("clicked()", self.on_install)
         ui.segmentButton.connect("clicked()", self.on_segment)
         ui.correctButton.connect("clicked()", self.on_correct)
+        ui.show3DButton.connect("toggled(bool)", self.on_show_3d)
         ui.exportButton.connect("clicked()", self.on_export)
         ui.trainButton.connect("clicked()", self.on_train)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.on_scene_start_close)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.on_scene_end_close)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.on_node_removed)
         self.observe_parameters()
         self.fill_models()
         self.select_first_model_if_none()
@@ -80,6 +93,17 @@ class PanelWidget(VTKObservationMixin):
 
     def on_scene_start_close(self, caller=None, event=None) -> None:
         self.logic.cancel("segment")  # its volume is about to go; training does not depend on the scene
+
+    def on_node_removed(self, caller=None, event=None) -> None:
+        """A deleted segmentation takes its hidden draft with it (on the next turn of the event loop,
+        not inside the scene's own removal)."""
+        if not self._cleanup_pending:
+            self._cleanup_pending = True
+            qt.QTimer.singleShot(0, self.remove_orphan_drafts)
+
+    def remove_orphan_drafts(self) -> None:
+        self._cleanup_pending = False
+        nodes.remove_orphan_drafts(slicer.mrmlScene)
 
     def on_scene_end_close(self, caller=None, event=None) -> None:
         self.observe_parameters()
@@ -149,19 +173,25 @@ class PanelWidget(VTKObservationMixin):
             ui.methodComboBox.setCurrentIndex(max(0, ui.methodComboBox.findText(p.method)))
             ui.ensembleCheckBox.checked = p.ensemble
             ui.largestComponentCheckBox.checked = p.largest_component
+            ui.replaceSegmentationCheckBox.checked = p.replace_segmentation
             if ui.storePathLineEdit.currentPath != p.store:
                 ui.storePathLineEdit.currentPath = p.store
 
             model = self.logic.selected_model()
             ui.modelInfoLabel.text = model.description() if model is not None else ""
+            ui.modelInfoLabel.toolTip = str(model.path) if model is not None else ""
+            ui.modelComboBox.toolTip = model.title() if model is not None else "The model bundle that segments"
             ui.ensembleCheckBox.enabled = model is not None and model.ensemble_possible
             store = self.logic.store()
             ui.storeInfoLabel.text = self.store_text(store)
+            ui.environmentLabel.text = "" if self.logic.missing_packages() else commands.environment_text(
+                self.logic.environment, self.logic.device_name())
 
             view = state.view(self.logic.state())
             ui.messageLabel.text = view.message
             ui.messageLabel.visible = bool(view.message)
             ui.installButton.visible = view.install_visible
+            ui.starterModelButton.visible = view.starter_visible
             ui.segmentButton.text = view.segment_text
             ui.segmentButton.enabled = view.segment_enabled
             ui.segmentButton.toolTip = view.segment_tooltip
@@ -171,6 +201,10 @@ class PanelWidget(VTKObservationMixin):
             if not view.inputs_enabled:
                 ui.ensembleCheckBox.enabled = False
             ui.correctButton.enabled = view.correct_enabled
+            ui.replaceSegmentationCheckBox.enabled = view.inputs_enabled and p.segmentation is not None
+            ui.show3DButton.enabled = view.correct_enabled
+            ui.show3DButton.checked = bool(p.segmentation is not None and p.segmentation.GetSegmentation()
+                                           .ContainsRepresentation("Closed surface"))
             ui.exportButton.enabled = view.export_enabled
             ui.exportButton.toolTip = view.export_tooltip
             ui.trainButton.text = view.train_text
@@ -206,6 +240,7 @@ class PanelWidget(VTKObservationMixin):
                 p.method = ui.methodComboBox.currentText
             p.ensemble = ui.ensembleCheckBox.checked
             p.largest_component = ui.largestComponentCheckBox.checked
+            p.replace_segmentation = ui.replaceSegmentationCheckBox.checked
             p.store = ui.storePathLineEdit.currentPath
         self.update_gui()
 
@@ -224,6 +259,64 @@ class PanelWidget(VTKObservationMixin):
         self.select_first_model_if_none()
         self.update_gui()
 
+    def ensure_models_folder(self) -> bool:
+        """A models folder to import or train into: the chosen one, else a default beside Slicer's
+        settings (created, and chosen, here)."""
+        if self.logic.models_folder:
+            return True
+        folder = default_models_folder()
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as error:
+            slicer.util.errorDisplay(f"{folder}: cannot create the models folder ({error}). Choose one.")
+            return False
+        self.ui.modelsFolderPathLineEdit.currentPath = folder  # -> on_models_folder_changed
+        if self.logic.models_folder != folder:
+            self.on_models_folder_changed(folder)
+        return True
+
+    def on_import_model(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(
+            self.widget, "Import a model bundle: its .zip, or the model.json in its folder", "",
+            "Model bundles (*.zip model.json);;All files (*)")
+        path = path[0] if isinstance(path, (tuple, list)) else path  # PySide returns (path, filter)
+        if not path or not self.ensure_models_folder():
+            return
+        source = os.path.dirname(path) if os.path.basename(path) == "model.json" else path
+        try:
+            with slicer.util.WaitCursor():
+                model = self.logic.import_model(source)
+        except (GuidedSegError, ValueError, OSError) as error:
+            slicer.util.errorDisplay(f"Import failed; nothing was added to the models folder.\n\n{error}")
+            return
+        self.fill_models()
+        self.update_gui()
+        self.ui.segmentStatusLabel.text = f"Imported {model.name} into {state.elide_path(self.logic.models_folder)}."
+
+    def on_starter_model(self) -> None:
+        if not self.dependencies_ready() or not self.ensure_models_folder():
+            return
+        if not slicer.util.confirmOkCancelDisplay(
+                "Train a starter model on synthetic abdominal phantoms? It runs in the background (minutes on a GPU, "
+                f"longer on a CPU) and writes a new bundle into {self.logic.models_folder}.",
+                windowTitle="Train a starter model"):
+            return
+        try:
+            job = self.logic.start_starter_training()
+        except (GuidedSegError, ValueError, OSError) as error:
+            slicer.util.errorDisplay(f"Training could not start: {error}")
+            return
+        self.show_training(job)
+
+    def show_training(self, job) -> None:
+        self.append_log([f"training into {job.output}"])
+        self.ui.trainCollapsibleButton.collapsed = False
+        self.ui.trainProgressBar.setValue(0)
+        self.ui.trainProgressBar.setVisible(True)
+        self.ui.trainStatusLabel.text = "Starting..."
+        self.timer.start()
+        self.update_gui()
+
     def select_first_model_if_none(self) -> None:
         if self.logic.selected_model() is None:
             usable = [m for m in self.logic.models if m.usable]
@@ -234,15 +327,23 @@ class PanelWidget(VTKObservationMixin):
     # dependencies and devices
 
     def dependencies_ready(self) -> bool:
-        """True when the packages are there; otherwise offer to install them (asks first)."""
+        """True when the packages are there; otherwise offer to install them: one question, then
+        torch (PyTorch Utils, or the build the user picks) and the rest in one call."""
         missing = self.logic.missing_packages()
         if not missing:
             return True
         torch_installer = install.slicer_torch_installer()
+        confirm, build = slicer.util.confirmOkCancelDisplay, None
+        if torch_installer is None and any(r.module == "torch" for r in missing):
+            build = self.ask_torch_build(missing)  # this question is the confirmation
+            if build is None:
+                self.ui.segmentStatusLabel.text = "Not installed: Segment and Train need these packages."
+                return False
+            confirm = lambda text: True  # noqa: E731
         try:  # the question is asked with the normal cursor; only the installing shows the wait cursor
-            install.install(missing, confirm=slicer.util.confirmOkCancelDisplay,
-                            pip_install=_with_wait_cursor(slicer.util.pip_install),
-                            install_torch=_with_wait_cursor(torch_installer) if torch_installer else None)
+            install.install(missing, confirm=confirm, pip_install=_with_wait_cursor(slicer.util.pip_install),
+                            install_torch=_with_wait_cursor(torch_installer) if torch_installer else None,
+                            pip_ensure=install.slicer_pip_ensure(), torch_build=build)
         except install.InstallDeclined as declined:
             self.ui.segmentStatusLabel.text = str(declined)
             return False
@@ -253,6 +354,24 @@ class PanelWidget(VTKObservationMixin):
             self.update_gui()
         self.probe_devices()
         return not self.logic.missing_packages()
+
+    def ask_torch_build(self, missing) -> str | None:
+        """Which PyTorch build to install ("cuda" or "cpu"), or None when the user cancels."""
+        box = qt.QMessageBox(slicer.util.mainWindow())
+        box.setWindowTitle("Install PyTorch")
+        box.setText(install.question(missing) + "\n\nWhich PyTorch build? (The PyTorch extension's PyTorch Utils "
+                    "would choose for you; it is not installed.)")
+        cuda = box.addButton("NVIDIA GPU (CUDA)", qt.QMessageBox.AcceptRole)
+        cpu = box.addButton("CPU only", qt.QMessageBox.AcceptRole)
+        box.addButton(qt.QMessageBox.Cancel)
+        box.setDefaultButton(cuda if shutil.which("nvidia-smi") else cpu)
+        box.exec_()
+        clicked = box.clickedButton()
+        return "cuda" if clicked == cuda else "cpu" if clicked == cpu else None
+
+    def on_device_chosen(self, index) -> None:
+        if not self._updating:
+            self.logic.parameters.device_chosen = True
 
     def on_install(self) -> None:
         self.dependencies_ready()
@@ -272,10 +391,13 @@ class PanelWidget(VTKObservationMixin):
         if not self.dependencies_ready():
             return
         try:
-            with slicer.util.WaitCursor():  # writing the volume for the child takes a moment
-                self.logic.start_segment()
+            job = self.logic.start_segment(confirm_replace=lambda question: slicer.util.confirmOkCancelDisplay(
+                question, windowTitle="Replace corrected segmentation?"))
         except (GuidedSegError, ValueError, OSError) as error:
             slicer.util.errorDisplay(f"Segment could not start: {error}")
+            return
+        if job is None:
+            self.ui.segmentStatusLabel.text = "Not started: the corrections are kept."
             return
         self.ui.segmentProgressBar.setValue(0)
         self.ui.segmentProgressBar.setVisible(True)
@@ -296,6 +418,18 @@ class PanelWidget(VTKObservationMixin):
                 editor.setSourceVolumeNode(volume)
             else:  # Slicer before 5.4
                 editor.setMasterVolumeNode(volume)
+
+    def on_show_3d(self, shown) -> None:
+        if self._updating:
+            return
+        node = self.logic.parameters.segmentation
+        if node is None:
+            return
+        with slicer.util.WaitCursor():
+            if shown:
+                node.CreateClosedSurfaceRepresentation()
+            else:
+                node.RemoveClosedSurfaceRepresentation()
 
     def on_export(self) -> None:
         try:
@@ -339,12 +473,7 @@ class PanelWidget(VTKObservationMixin):
         except (GuidedSegError, ValueError, OSError) as error:
             slicer.util.errorDisplay(f"Training could not start: {error}")
             return
-        self.append_log([f"training into {job.output}"])
-        self.ui.trainProgressBar.setValue(0)
-        self.ui.trainProgressBar.setVisible(True)
-        self.ui.trainStatusLabel.text = "Starting..."
-        self.timer.start()
-        self.update_gui()
+        self.show_training(job)
 
     # ------------------------------------------------------------------------------------------
     # progress
@@ -379,11 +508,12 @@ class PanelWidget(VTKObservationMixin):
             return
         if update.ok and update.task == "segment":
             node = update.result
-            label.text = f"Done: {node.GetName()}. Correct it, then export the corrected labels."
+            label.text = (f"Done in {_duration(update.elapsed_s)}: {node.GetName()}. "
+                          "Correct it, then export the corrected labels.")
             volume = self.logic.parameters.input_volume
             slicer.util.setSliceViewerLayers(background=volume, fit=False)
         elif update.ok and update.task == "train":
-            label.text = f"Done: new model {update.result}"
+            label.text = f"Done in {_duration(update.elapsed_s)}: new model {state.elide_path(update.result)}"
             self.fill_models()
         elif update.error == "cancelled":
             label.text = "Cancelled." if update.task == "segment" else \
@@ -400,6 +530,20 @@ class PanelWidget(VTKObservationMixin):
     def append_log(self, lines) -> None:
         for line in lines:
             self.ui.logTextEdit.appendPlainText(line)
+
+
+def default_models_folder() -> str:
+    """Where imported and starter models go when no models folder was chosen: beside Slicer's
+    user settings (e.g. ~/.config/slicer.org/GuidedSeg/models)."""
+    return os.path.join(os.path.dirname(slicer.app.slicerUserSettingsFilePath), "GuidedSeg", "models")
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _with_wait_cursor(function):
@@ -421,9 +565,14 @@ class ExportDialog:
         self.dialog = qt.QDialog(slicer.util.mainWindow())
         self.dialog.setWindowTitle("Export corrected labels")
         layout = qt.QVBoxLayout(self.dialog)
-        intro = qt.QLabel("Edited segments always count as annotated. Tick the other organs you checked "
-                          "(an empty one then counts as absent); unticked organs stay unannotated, "
-                          "unknown to training.")
+        if plan.draft_found:
+            text = ("Edited segments always count as annotated. Tick the other organs you checked "
+                    "(an empty one then counts as absent); unticked organs stay unannotated, unknown to training.")
+        else:
+            text = ("The model's draft of this segmentation is not in the scene, so the panel cannot tell what you "
+                    "edited: tick every organ you reviewed (an empty one then counts as absent). Unticked organs "
+                    "stay unannotated, unknown to training.")
+        intro = qt.QLabel(text)
         intro.wordWrap = True
         layout.addWidget(intro)
         self.boxes = {}
@@ -444,8 +593,9 @@ class ExportDialog:
         self.summary.wordWrap = True
         layout.addWidget(self.summary)
         buttons = qt.QDialogButtonBox()
-        buttons.setStandardButtons(qt.QDialogButtonBox.Ok | qt.QDialogButtonBox.Cancel)
-        buttons.button(qt.QDialogButtonBox.Ok).text = "Export"
+        self.export_button = qt.QPushButton("Export")
+        buttons.addButton(self.export_button, qt.QDialogButtonBox.AcceptRole)
+        buttons.addButton(qt.QDialogButtonBox.Cancel)
         buttons.connect("accepted()", self.dialog.accept)
         buttons.connect("rejected()", self.dialog.reject)
         layout.addWidget(buttons)
