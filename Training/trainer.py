@@ -719,15 +719,9 @@ class MetricLog:
         if not self.enabled:
             return
         row = {"iteration": iteration, "lr": lr, **losses}
-        path = self.output / "log.csv"
-        new = not path.exists() or path.stat().st_size == 0
         if self.columns is None:
             self.columns = list(row)
-        with open(path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.columns)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        _append_row(self.output / "log.csv", row, self.columns)
         if self.writer is not None:
             for key, value in losses.items():
                 self.writer.add_scalar(f"loss/{key}", value, iteration)
@@ -740,13 +734,7 @@ class MetricLog:
         total = sum(norms.values()) or 1.0
         row = {"iteration": iteration, **{f"norm_{k}": v for k, v in norms.items()},
                **{f"share_{k}": v / total for k, v in norms.items()}}
-        path = self.output / "gradients.csv"
-        new = not path.exists() or path.stat().st_size == 0
-        with open(path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        _append_row(self.output / "gradients.csv", row)
         if self.writer is not None:
             for key, value in norms.items():
                 self.writer.add_scalar(f"gradient_share/{key}", value / total, iteration)
@@ -754,16 +742,10 @@ class MetricLog:
     def validation(self, iteration: int, result: dict, prefix: str = "") -> None:
         if not self.enabled:
             return
-        path = self.output / f"{prefix}validation.csv"
-        new = not path.exists() or path.stat().st_size == 0
         row = {"iteration": iteration, "mean_dice": result["mean_dice"],
                **{f"dice_{k}": v["dice"] for k, v in result["per_organ"].items()},
                **{f"volume_ratio_{k}": v["volume_ratio"] for k, v in result["per_organ"].items()}}
-        with open(path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        _append_row(self.output / f"{prefix}validation.csv", row)
         if self.writer is not None:
             self.writer.add_scalar(f"{prefix}validation/mean_dice", result["mean_dice"], iteration)
             for k, v in result["per_organ"].items():
@@ -772,6 +754,16 @@ class MetricLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _append_row(path: Path, row: dict, columns: list[str] | None = None) -> None:
+    """One row onto a CSV file, with the header first when the file is new or empty."""
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns or list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
 
 
 def _truncate_csv(path: Path, start: int) -> None:
