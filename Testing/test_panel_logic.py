@@ -99,7 +99,8 @@ def panel(tmp_path, mrml, monkeypatch):
         "format": 1, "name": "tiny", "method": "guidednet", "labels": LABELS, "networks": ["A", "B"],
         "colours": {"1": [0.867, 0.51, 0.396], "2": [0.616, 0.424, 0.635], "3": [0.725, 0.4, 0.325]},
         "validation": {"mean_dice": 0.81, "per_organ": {"1": {"dice": 0.9, "sd": 0.1, "n": 3},
-                                                        "2": {"dice": 0.72, "sd": 0.1, "n": 3}}}}))
+                                                        "2": {"dice": 0.72, "sd": 0.1, "n": 3}}},
+        "training": {"selection": "best validation Dice of 3 held-out cases"}}))
     work = tmp_path / "work"
     work.mkdir()
     logic = PanelLogic(scene, seg_logic, python=str(fake), work_root=work, find_spec=lambda name: object())
@@ -132,6 +133,7 @@ def test_models_folder_lists_bundles_with_labels_and_validation_dice(tmp_path, p
     assert tiny.labels == {1: "liver", 2: "spleen", 3: "kidney_left"}
     assert tiny.colours[1] == pytest.approx((0.867, 0.51, 0.396))
     assert "1 liver (0.90), 2 spleen (0.72), 3 kidney_left" in tiny.description()
+    assert "Weights: best validation Dice of 3 held-out cases" in tiny.description()  # how they were chosen
     assert models.folder_problem(tmp_path / "nope").endswith("the models folder does not exist.")
     assert models.list_models(tmp_path / "nope") == []
 

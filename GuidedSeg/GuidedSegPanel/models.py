@@ -29,6 +29,7 @@ class ModelInfo:
     organ_dice: dict[int, float] = field(default_factory=dict)
     networks: tuple[str, ...] = ()
     created: str = ""
+    selection: str = ""  # how the weights were chosen ("final weights: no validation case ...")
     problem: str | None = None  # why it cannot be used; None when it can
 
     @property
@@ -55,6 +56,8 @@ class ModelInfo:
         lines = [f"Folder: {elide_path(self.path)}"]
         if self.mean_dice is not None:
             lines.append(f"Validation: mean Dice {self.mean_dice:.3f}")
+        if self.selection:
+            lines.append(f"Weights: {self.selection}")
         organs = []
         for value, name in sorted(self.labels.items()):
             dice = self.organ_dice.get(value)
@@ -87,7 +90,8 @@ def read_model(path: str | os.PathLike) -> ModelInfo:
     name = str(metadata.get("name") or (path.parent.name if path.name == "bundle" else path.name))
     return ModelInfo(path=path, name=name, method=str(metadata.get("method") or ""), labels=labels, colours=colours,
                      mean_dice=float(mean) if isinstance(mean, (int, float)) else None, organ_dice=organ_dice,
-                     networks=tuple(metadata.get("networks") or ()), created=str(metadata.get("created") or ""))
+                     networks=tuple(metadata.get("networks") or ()), created=str(metadata.get("created") or ""),
+                     selection=str((metadata.get("training") or {}).get("selection") or ""))
 
 
 def list_models(folder: str | os.PathLike | None) -> list[ModelInfo]:
