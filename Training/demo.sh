@@ -16,7 +16,7 @@ if [ -f "$store/dataset.json" ]; then
   echo "(reusing the store written by an earlier run; delete $store to start over)"
 else
   # Coarse voxels (8 x 8 x 10 mm) keep training to minutes on a laptop CPU.
-  "$guidedseg" phantoms "$store" --cases 20 --labeled 4 --test 4 --seed 0 --size 48 48 32 --spacing 8 8 10
+  "$guidedseg" phantoms "$store" --cases 20 --labeled 8 --test 4 --seed 0 --size 48 48 32 --spacing 8 8 10
 fi
 
 echo
