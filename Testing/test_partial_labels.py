@@ -98,7 +98,8 @@ def liver_dice(store: Path, tests, output: Path, cache: Path, partial: bool) -> 
         f"data.partial_labels={str(partial).lower()}", f"data.cache={cache}",
         "network.widths=[4,8,16,32]", "network.feature_layer=3", "network.dropout=0.0",
         "data.patch=[16,24,24]", "data.labeled_batch=2", "data.unlabeled_batch=0",
-        "optim.iterations=250", "optim.lr=0.2", "validation.every=100000", "checkpoint_every=100000"])
+        "optim.iterations=250", "optim.optimizer=sgd", "optim.lr=0.2", "validation.every=100000",
+        "checkpoint_every=100000", "data.augment=false", "data.mirror=all", "data.foreground=0.33"])
     result = train(config, progress="none")
     assert result.status == "finished" and result.bundle is not None
     predictor = Predictor(result.bundle)
