@@ -415,7 +415,9 @@ def test_a_bundle_is_imported_from_a_folder_or_a_zip_checked_first_and_never_ove
 def test_the_starter_model_trains_on_phantoms_in_the_background_and_is_selected(panel):
     logic = panel[0]
     job = logic.start_starter_training()
-    assert "--store" not in job.argv and job.argv[job.argv.index("--method") + 1] == "guidednet"
+    # the demo's measured training: supervised, 1000 steps, 8 labeled phantoms
+    assert "--store" not in job.argv and job.argv[job.argv.index("--method") + 1] == "supervised"
+    assert {"phantoms.labeled=8", "optim.iterations=1000", "data.augment=false"} <= set(job.argv)
     assert job.output.parent == Path(logic.models_folder) and job.output.name.startswith("starter-phantoms-")
     final = run_until_finished(logic, "train")[-1]
     assert final.ok and logic.selected_model().path == job.output / "bundle"

@@ -170,7 +170,7 @@ class TrainJob(Job):
     stages = commands.TRAIN_STAGES
 
     def __init__(self, store_root, models_folder, method: str = "guidednet", device: str | None = None, *,
-                 python: str, store_name: str = "", script=None, runner=ChildProcess):
+                 python: str, store_name: str = "", script=None, runner=ChildProcess, settings: tuple[str, ...] = ()):
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         base = re.sub(r"[^A-Za-z0-9._-]+", "_", store_name or Path(store_root).name).strip("._-") or "store"
         self.output = Path(models_folder) / f"{base}-{method}-{stamp}"
@@ -178,7 +178,8 @@ class TrainJob(Job):
         while self.output.exists():
             self.output = Path(models_folder) / f"{base}-{method}-{stamp}-{number}"
             number += 1
-        super().__init__(commands.train_command(python, store_root, self.output, method, device, script), runner)
+        super().__init__(commands.train_command(python, store_root, self.output, method, device, script, settings),
+                         runner)
 
     def result(self) -> Path:
         bundle = (self.process.result or {}).get("bundle")

@@ -170,8 +170,8 @@ class PanelLogic:
             raise ValueError(problem)
         if self.running("train"):
             raise ValueError("Training is already running.")
-        job = TrainJob(None, self.models_folder, "guidednet", self.parameters.device, python=self.python,
-                       store_name="starter-phantoms", runner=self.runner)
+        job = TrainJob(None, self.models_folder, "supervised", self.parameters.device, python=self.python,
+                       store_name="starter-phantoms", runner=self.runner, settings=commands.STARTER_SETTINGS)
         self.jobs["train"] = job.start()
         return job
 
