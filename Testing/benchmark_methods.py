@@ -37,6 +37,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -103,8 +104,6 @@ def derived_store(source: Path, target: Path, fraction: float, spacing=None, lab
     else:
         n_labeled = max(2, round(fraction * len(cases)))
     partial = target.with_name(f".partial-{target.name}")
-    import shutil
-
     shutil.rmtree(partial, ignore_errors=True)
     store = CaseStore.create(partial, src.labels, name=f"{src.name}-{n_labeled}labeled{suffix}", modality=src.modality)
 
@@ -120,8 +119,11 @@ def derived_store(source: Path, target: Path, fraction: float, spacing=None, lab
             store.add_labeled(image, label, case.case_id, annotated=src.annotated_labels(case), source=str(source))
         else:
             store.add_unlabeled(image, case.case_id, source=str(source))
-            sitk.WriteImage(read_image(label) if isinstance(label, Path) else label,
-                            str(partial / "referencesUnlabeled" / f"{case.case_id}.nii.gz"), True)
+            reference = partial / "referencesUnlabeled" / f"{case.case_id}.nii.gz"
+            if isinstance(label, Path):
+                shutil.copyfile(label, reference)
+            else:
+                sitk.WriteImage(label, str(reference), True)
     for case in src.cases("test"):
         image, label = files(case)
         store.add_test(image, label, case.case_id)

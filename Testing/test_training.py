@@ -253,8 +253,13 @@ def test_with_three_labeled_cases_every_case_trains_and_the_bundle_says_so(phant
     assert len(store.cases("labeled")) == 5 and len(store.splits().validation) == 1  # the store itself holds one out
     output = tmp_path / "run"
     code, out, err = run_train(phantom_store, output, cache, "optim.iterations=2", "validation.fraction=auto",
-                               method="supervised")
+                               "validation.monitor=phantomTruth", method="supervised")
     assert code == 0, err
+    # the curve comes from unlabeled cases' references (never from a held-out labeled case)
+    with open(output / "monitor_validation.csv", newline="") as handle:
+        monitored = list(csv.DictReader(handle))
+    assert [r["iteration"] for r in monitored] == ["2"] and "volume_ratio_1" in monitored[0]
+    assert not (output / "validation.csv").exists()
     training = json.loads((output / "bundle" / "model.json").read_text())["training"]
     assert sorted(training["labeled"]) == sorted(c.case_id for c in store.cases("labeled"))
     assert training["validation"] == {} and training["selection"].startswith("final weights")

@@ -455,7 +455,10 @@ def _monitor_cases(config: TrainConfig, store, splits) -> list:
     for case_id in splits.unlabeled:
         reference = folder / f"{case_id}.nii.gz"
         if reference.is_file():
-            cases.append(dataclasses.replace(store.case(case_id), kind="labeled", label=reference, annotated=None))
+            # its own cache entry: under the plain id, the unlabeled copy and this one would
+            # invalidate each other's cached preprocessing on every run
+            cases.append(dataclasses.replace(store.case(case_id), case_id=f"{case_id}.monitor", kind="labeled",
+                                             label=reference, annotated=None))
         if len(cases) == config.validation.monitor_cases:
             break
     if not cases:
