@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from GuidedSegLib.errors import GuidedSegError
-from GuidedSegLib.methods import METHODS, MethodOptions
+from GuidedSegLib.methods import METHODS, MethodOptions, method_class
 
 
 class ConfigError(GuidedSegError, ValueError):
@@ -25,6 +25,10 @@ class ConfigError(GuidedSegError, ValueError):
 
 @dataclass
 class NetworkConfig:
+    # "auto": the method's own network (Method.default_network), else a name in
+    # NETWORK_SETTINGS (GuidedSegLib.networks.ARCHITECTURES); each reads its settings below.
+    type: str = "auto"
+    # unet3d:
     # Channels per level. The full-resolution block feeds the 1x1x1 head, so it needs room for the
     # classes: [4, ...] left 11 of 13 phantom organs unlearned after 1000 steps, [8, ...] learned 7 by
     # step 600 (Testing/BENCHMARKS.md). Paper: [16, 32, 64, 128, 256].
@@ -61,6 +65,11 @@ class OptimConfig:
     grad_clip: float = 12.0  # max gradient norm (0: off)
     amp: str = "auto"  # "auto" (on for CUDA), "on" (also CPU: bf16, fast where the CPU has AMX/AVX512-BF16), "off"
 
+
+# Each architecture's constructor arguments from the network section.
+NETWORK_SETTINGS = {
+    "unet3d": lambda n: {"widths": list(n.widths), "dropout": n.dropout, "feature_layer": n.feature_layer},
+}
 
 SMALL_STORE = 10  # labeled cases below which "auto" keeps every case in training
 
@@ -103,7 +112,7 @@ class PhantomConfig:
 class TrainConfig:
     store: str | None = None  # case store folder; None: synthetic phantoms in <output>/phantom-store
     output: str = "runs/guidednet-phantoms"
-    method: str = "guidednet"  # supervised | cps | guidednet | guidednet-paper
+    method: str = "guidednet"  # a name in GuidedSegLib.methods.METHODS
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     checkpoint_every: int = 50
@@ -121,11 +130,26 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         """The settings as run: ``objective`` holds what the method really uses (a cps run says
-        kt_cps: false and cgmm: false, whatever the defaults)."""
+        kt_cps: false and cgmm: false, whatever the defaults), ``network.type`` the architecture."""
         data = dataclasses.asdict(self)
         if self.method in METHODS:
             data["objective"] = dataclasses.asdict(self.method_options())
+            data["network"]["type"] = self.network_type()
         return data
+
+    @property
+    def uses_unlabeled(self) -> bool:
+        """Whether the method learns from unlabeled crops (the supervised baseline does not)."""
+        return method_class(self.method).uses_unlabeled
+
+    def network_type(self) -> str:
+        """The architecture to build: ``network.type``, or the method's own for "auto"."""
+        return method_class(self.method).default_network if self.network.type == "auto" else self.network.type
+
+    def network_spec(self) -> dict:
+        """The description the method builds its networks from (the bundle stores the same form)."""
+        architecture = self.network_type()
+        return {"architecture": architecture, "in_channels": 1, **NETWORK_SETTINGS[architecture](self.network)}
 
     def method_options(self) -> MethodOptions:
         """The objective switches for the chosen method (``cps`` turns KT-CPS and the CGMM off)."""
@@ -199,6 +223,8 @@ def check(config: TrainConfig) -> None:
     """Value checks that do not need the data."""
     if config.method not in METHODS:
         raise ConfigError(f"method {config.method!r} is not one of {list(METHODS)}")
+    if config.network.type != "auto" and config.network.type not in NETWORK_SETTINGS:
+        raise ConfigError(f"network.type {config.network.type!r} is not 'auto' or one of {sorted(NETWORK_SETTINGS)}")
     d, o = config.data, config.optim
     if d.patch != "auto" and not (isinstance(d.patch, list) and len(d.patch) == 3 and all(isinstance(p, int) and p > 0 for p in d.patch)):
         raise ConfigError(f"data.patch {d.patch!r} must be 'auto' or three positive integers [z, y, x]")

@@ -148,14 +148,14 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
         if not resume:
             with atomic_path(config_file) as tmp:
                 tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    if config.method != "supervised" and not splits.unlabeled and config.data.unlabeled_batch > 0:
+    if config.uses_unlabeled and not splits.unlabeled and config.data.unlabeled_batch > 0:
         report.message(f"note: {store.root} has no unlabeled case; {config.method} learns from labeled crops only")
 
     plan = _plan(config, store, labeled_ids, output, resume, report, rank)
     cache = Path(config.data.cache) if config.data.cache else output / "cache"
     class_values = _classes(store, labeled_ids, output, resume, report, rank)
     data = TrainingData(store, plan, cache, config.data.partial_labels, class_values)
-    unlabeled_ids = [] if config.method == "supervised" else splits.unlabeled  # supervised learns from labels only
+    unlabeled_ids = splits.unlabeled if config.uses_unlabeled else []  # supervised learns from labels only
     groups = {"train": [store.case(i) for i in labeled_ids], "validation": [store.case(i) for i in splits.validation],
               "unlabeled": [store.case(i) for i in unlabeled_ids], "monitor": _monitor_cases(config, store, splits)}
     if rank != 0:
@@ -165,17 +165,17 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     if rank == 0 and world > 1:
         torch.distributed.barrier()
 
-    if rank == 0 and 2 * config.network.widths[0] < len(class_values):
+    network_spec = config.network_spec()
+    if rank == 0 and network_spec["architecture"] == "unet3d" and 2 * config.network.widths[0] < len(class_values):
         report.message(f"warning: network.widths starts at {config.network.widths[0]} channels for {len(class_values)} "
                        f"classes; a full-resolution level narrower than half the class count left most phantom organs "
                        f"unlearned (Testing/BENCHMARKS.md); give it at least {-(-len(class_values) // 2)}")
     method_name = config.method
-    network_spec = {"architecture": "unet3d", "in_channels": 1, **dataclasses.asdict(config.network)}
     torch.manual_seed(config.seed)
     method = build_method(method_name, network_spec, data.num_classes, config.method_options(), config.optim.iterations)
     divisor = method.networks["A"].divisor
     patch = _patch(config, prepared["train"], plan, divisor)
-    unlabeled_batch = 0 if method_name == "supervised" else config.data.unlabeled_batch
+    unlabeled_batch = config.data.unlabeled_batch if config.uses_unlabeled else 0
     augmentation = _augmentation(config, store, class_values, plan, report, rank)
     sampler = CropSampler(prepared["train"], prepared["unlabeled"], patch, config.data.labeled_batch,
                           unlabeled_batch, config.data.foreground, config.seed, augmentation)
@@ -500,8 +500,8 @@ def _patch(config: TrainConfig, cases, plan: PreprocessingPlan, divisor: int) ->
         patch = tuple(int(p) for p in config.data.patch)
         bad = [p for p in patch if p % divisor]
         if bad:
-            raise ConfigError(f"data.patch {list(patch)} must be multiples of {divisor} for "
-                              f"{len(config.network.widths) - 1} down levels")
+            raise ConfigError(f"data.patch {list(patch)} must be multiples of {divisor}, the input size "
+                              f"divisor of network {config.network_spec()['architecture']}")
         return patch
     median = np.median([c.shape for c in cases], axis=0)
     patch = [max(divisor, int(math.ceil(m / divisor)) * divisor) for m in median]
@@ -677,7 +677,7 @@ def _write_bundle(config, method, store, plan, patch, class_values, best, labele
             "store": str(store.root), "store_name": store.name,
             "labeled": {cid: store.case(cid).label_version for cid in labeled_ids},
             "validation": {cid: store.case(cid).label_version for cid in splits.validation},
-            "unlabeled": 0 if config.method == "supervised" else len(splits.unlabeled),
+            "unlabeled": len(splits.unlabeled) if config.uses_unlabeled else 0,
             "not_trained": {str(v): labels[v] for v in store.organs if v not in class_values},
             "iterations": config.optim.iterations,
             "best_iteration": best["iteration"] if splits.validation else config.optim.iterations,
