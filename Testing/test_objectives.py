@@ -9,6 +9,7 @@ the code under test a second time.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 import math
 
 import pytest
@@ -912,3 +913,19 @@ def test_authors_prototype_separation_is_mean_over_present_pairs():
     present = torch.tensor([True, True, False])
     assert float(cgmm.prototype_separation(pooled, present)) == pytest.approx(math.exp(-4.0))
     assert float(cgmm.prototype_separation(pooled, torch.tensor([True, False, False]))) == 0.0
+
+
+def test_guidednet_authors_variant_teaches_through_an_undetached_similarity():
+    options = methods.MethodOptions.preset("guidednet-authors")
+    assert (options.detach_targets, options.lambda_g, options.mixture_momentum) == (False, 1.0, 0.0)
+    batch = make_batch("one_organ_and_background")
+    gradients = {}
+    for detach in (False, True):
+        torch.manual_seed(0)
+        method = methods.build_method("guidednet-authors", NET, K_M, replace(options, detach_targets=detach), 100)
+        out = method(batch, 60)
+        assert 0 < float(out["acc_g"]) <= 1 and float(out["gt"]) > 0
+        method.terms["self"].backward()
+        gradients[detach] = torch.cat([p.grad.flatten() for p in method.networks["A"].parameters() if p.grad is not None])
+    assert not torch.allclose(gradients[False], gradients[True]), \
+        "L_self's gradient is the same with the target detached: the authors' form must teach the features too"
