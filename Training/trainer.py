@@ -181,7 +181,7 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     torch.manual_seed(config.seed)
     method = build_method(method_name, network_spec, data.num_classes, config.method_options(), config.optim.iterations)
     if parent is not None and not resume:
-        _load_parent_weights(method, config.init_from, report)
+        _load_parent_weights(method, config.init_from, report, config.seed)
     divisor = method.networks["A"].divisor
     patch = _patch(config, prepared["train"], plan, divisor)
     unlabeled_batch = 0 if method_name == "supervised" else config.data.unlabeled_batch
@@ -523,9 +523,11 @@ def _inherited_plan(config: TrainConfig, parent: dict, output: Path, report: Rep
     return plan, values
 
 
-def _load_parent_weights(method, folder, report: Reporter) -> None:
+def _load_parent_weights(method, folder, report: Reporter, seed: int) -> None:
     """Every network of ``method`` from the bundle: A from A, B from B; a network the bundle lacks
-    (B, when a one-network bundle starts a two-network method) from its A, which is said."""
+    (B, when a one-network bundle starts a two-network method) from its A, which is said, with
+    noise of 5% of each weight tensor's SD added: two identical networks get identical gradients
+    from the symmetric CPS objective and would never become two."""
     from GuidedSegLib.bundle import load_networks
 
     _, networks = load_networks(folder, "cpu")
@@ -537,8 +539,13 @@ def _load_parent_weights(method, folder, report: Reporter) -> None:
             raise TrainingSetupError(f"{folder}: network {source} does not fit the method's network {name} "
                                      f"({str(error).splitlines()[0]})") from None
         if source != name:
-            report.message(f"note: {folder} has no network {name}; {name} starts from network {source} too "
-                           "(the two networks start identical and drift apart as they train)")
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for weight in network.parameters():
+                    if weight.numel() > 1:
+                        weight.add_(torch.randn(weight.shape, generator=generator) * 0.05 * weight.std())
+            report.message(f"note: {folder} has no network {name}; {name} starts from network {source} with a "
+                           "little noise (5% of each weight's SD), so that the two networks can differ")
 
 
 def _start_validation(method, cases, patch, config, device, class_values, report, rank, world, log, output, best):
