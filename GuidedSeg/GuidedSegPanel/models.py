@@ -30,6 +30,7 @@ class ModelInfo:
     networks: tuple[str, ...] = ()
     created: str = ""
     selection: str = ""  # how the weights were chosen ("final weights: no validation case ...")
+    parent: str = ""  # the bundle it was fine-tuned from ("" for a model trained from scratch)
     problem: str | None = None  # why it cannot be used; None when it can
 
     @property
@@ -91,7 +92,8 @@ def read_model(path: str | os.PathLike) -> ModelInfo:
     return ModelInfo(path=path, name=name, method=str(metadata.get("method") or ""), labels=labels, colours=colours,
                      mean_dice=float(mean) if isinstance(mean, (int, float)) else None, organ_dice=organ_dice,
                      networks=tuple(metadata.get("networks") or ()), created=str(metadata.get("created") or ""),
-                     selection=str((metadata.get("training") or {}).get("selection") or ""))
+                     selection=str((metadata.get("training") or {}).get("selection") or ""),
+                     parent=str((metadata.get("parent") or {}).get("path") or ""))
 
 
 def list_models(folder: str | os.PathLike | None) -> list[ModelInfo]:
