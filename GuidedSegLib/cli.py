@@ -106,8 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     suggest = commands.add_parser(
         "suggest", help="rank a store's unlabeled cases: which to correct next",
         description="Run a model bundle over the store's unlabeled images and rank them, most informative first: "
-                    "networks A and B's disagreement per organ (1 - Dice), or the mean predictive entropy over "
-                    "each organ's region, or a seeded random order. A case's score is the mean over organs of "
+                    "networks A and B's disagreement per organ (1 - soft Dice of their probability maps), or the "
+                    "mean predictive entropy over each organ's region, or a seeded random order. A case's score is the mean over organs of "
                     "per-organ scores in [0, 1], so a small organ counts as much as the liver. Scores are cached "
                     "per bundle and image (a second run with the same bundle runs no network). The ranking goes "
                     "to suggestions.json beside dataset.json; skipped cases stay in it, at the bottom.")
@@ -287,8 +287,9 @@ def _run_suggest(args: argparse.Namespace) -> int:
                        "strategy": ranking.strategy, "inferred": ranking.inferred})
     else:
         print(format_table(ranking, args.n or None))
-        print(f"ranked {len(ranking.items)} unlabeled case(s) ({ranking.inferred} run through the networks, the "
-              f"rest from the cache); saved to {Path(args.store) / 'suggestions.json'}")
+        where = "no network runs for a random order" if ranking.strategy == "random" else \
+            f"{ranking.inferred} run through the networks, the rest from the cache"
+        print(f"ranked {len(ranking.items)} unlabeled case(s) ({where}); saved to {Path(args.store) / 'suggestions.json'}")
     return 0
 
 

@@ -33,7 +33,6 @@ leaves the ranking only when it is labeled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ import numpy as np
 from .errors import GuidedSegError, StoreError
 from .imageio import atomic_path
 from .store import CaseStore
+from .store import _sha256 as file_sha256
 
 RANKING_FILE = "suggestions.json"
 CACHE_FOLDER = Path(".guidedseg-cache") / "suggest"
@@ -105,14 +105,6 @@ def combine(scores: dict[int, float], organs: list[int] | None = None) -> float:
     """A case's score: the mean of its organs' scores (``organs``: a subset of values to count)."""
     chosen = [v for v in scores if organs is None or v in organs]
     return float(np.mean([scores[v] for v in chosen])) if chosen else 0.0
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class CaseScorer:

@@ -437,6 +437,14 @@ class Adapter:
             else:
                 sys.modules[name] = module
 
+    def close_panel(self, panel) -> None:
+        """End a test's panel as Slicer closes a module (its children stopped), then undo the adapter."""
+        panel.cleanup()
+        panel.widget.close()
+        panel.widget.deleteLater()
+        self.process(0.05)
+        self.restore()
+
     # driving the event loop ------------------------------------------------------------------
     def process(self, seconds: float = 0.0) -> None:
         """Run the event loop for ``seconds`` (at least one pass)."""

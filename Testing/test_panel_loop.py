@@ -57,11 +57,7 @@ def loop_panel(tmp_path, mrml, tiny_bundle, three_organ_store):
     try:
         yield panel, adapter, models, store
     finally:
-        panel.cleanup()
-        panel.widget.close()
-        panel.widget.deleteLater()
-        adapter.process(0.05)
-        adapter.restore()
+        adapter.close_panel(panel)
 
 
 def export_all(adapter, ui):

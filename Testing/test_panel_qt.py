@@ -85,11 +85,7 @@ def qt_panel(tmp_path, mrml, tiny_bundle):
     try:
         yield panel, adapter, models, work
     finally:
-        panel.cleanup()
-        panel.widget.close()
-        panel.widget.deleteLater()
-        adapter.process(0.05)
-        adapter.restore()
+        adapter.close_panel(panel)
 
 
 def screenshots(tmp_path) -> Path:

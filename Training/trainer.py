@@ -176,8 +176,6 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
                        f"unlearned (Testing/BENCHMARKS.md); give it at least {-(-len(class_values) // 2)}")
     method_name = config.method
     network_spec = {"architecture": "unet3d", "in_channels": 1, **dataclasses.asdict(config.network)}
-    if parent is not None:
-        network_spec = {k: v for k, v in parent["network"].items() if k != "out_channels"}
     torch.manual_seed(config.seed)
     method = build_method(method_name, network_spec, data.num_classes, config.method_options(), config.optim.iterations)
     if parent is not None and not resume:
@@ -537,7 +535,8 @@ def _load_parent_weights(method, folder, report: Reporter, seed: int) -> None:
             network.load_state_dict(networks[source].state_dict())
         except RuntimeError as error:
             raise TrainingSetupError(f"{folder}: network {source} does not fit the method's network {name} "
-                                     f"({str(error).splitlines()[0]})") from None
+                                     f"({str(error).splitlines()[0]}); a warm start keeps the bundle's network "
+                                     "settings: leave network.* as the bundle has them") from None
         if source != name:
             generator = torch.Generator().manual_seed(seed)
             with torch.no_grad():
