@@ -90,7 +90,7 @@ def test_a_fine_tuned_bundle_starts_from_its_parent_and_records_its_lineage_and_
     assert child["warm_start"]["networks"] == {"A": "A", "B": "A"}
     # lineage: the parent by id, path and metrics; the chain ends with it
     assert child["parent"]["id"] == bundle_id(tiny_bundle) and child["parent"]["path"] == str(tiny_bundle.resolve())
-    assert child["lineage"][-1] == child["parent"]
+    assert child["lineage"][-1] == child["parent"] and child["name"].endswith("-v2")
     assert child["parent"]["validation"]["mean_dice"] == round(parent["validation"]["mean_dice"], 4)
     # the data it saw, with label versions: case_0 at version 2, case_4 newly labeled
     cases = {c["case"]: c for c in child["training"]["cases"]}

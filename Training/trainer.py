@@ -786,6 +786,7 @@ def _write_bundle(config, method, store, plan, patch, class_values, best, labele
     }
     if parent is not None:
         metadata.update(lineage_metadata(config.init_from, parent))
+        metadata["name"] = f"{metadata['name']}-v{len(metadata['lineage']) + 1}"  # version N of a chain
         metadata["warm_start"] = parent["warm_start"]
     folder = output / "bundle"
     n = 2

@@ -253,6 +253,13 @@ class PanelLogic:
         self.parameters.labeled_at_fine_tune = len(store.cases("labeled"))
         return job
 
+    def set_auto_fine_tune(self, every: int) -> None:
+        """Fine-tune automatically after every ``every`` new labeled cases (0: off); counted from now."""
+        p, store = self.parameters, self.store()
+        if every and not p.auto_fine_tune_every and store is not None:
+            p.labeled_at_fine_tune = len(store.cases("labeled"))
+        p.auto_fine_tune_every = every
+
     def auto_fine_tune(self) -> FineTuneJob | None:
         """After an export: start a fine-tune when the option says one is due (off by default)."""
         store, p = self.store(), self.parameters

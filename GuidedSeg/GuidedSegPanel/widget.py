@@ -278,7 +278,7 @@ class PanelWidget(VTKObservationMixin):
             p.replace_segmentation = ui.replaceSegmentationCheckBox.checked
             p.store = ui.storePathLineEdit.currentPath
             p.organs = ui.organsLineEdit.text
-            p.auto_fine_tune_every = ui.autoFineTuneSpinBox.value
+            self.logic.set_auto_fine_tune(ui.autoFineTuneSpinBox.value)
         self.update_gui()
 
     def on_models_folder_changed(self, path) -> None:
