@@ -7,28 +7,20 @@ empty queue said clearly."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import three_organ_phantom
+from conftest import skip_without_qt_panel, three_organ_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "GuidedSeg"))
 
-slicer = pytest.importorskip("slicer")
-pytest.importorskip("torch")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the 'slicer' module here is not slicer-core", allow_module_level=True)
-os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-if importlib.util.find_spec("PySide6") is None:
-    pytest.skip("PySide6 is not installed (pip install -e .[test])", allow_module_level=True)
+slicer = skip_without_qt_panel()
 
 import slicer_qt_adapter  # noqa: E402
-from PySide6 import QtCore, QtWidgets  # noqa: E402
+from PySide6 import QtWidgets  # noqa: E402
 
 from GuidedSegLib.store import CaseStore  # noqa: E402
 
@@ -62,21 +54,12 @@ def loop_panel(tmp_path, mrml, tiny_bundle, three_organ_store):
 
 def export_all(adapter, ui):
     """Click Export; in the dialog tick every organ as checked and click Export."""
-    def in_dialog():
-        dialog = adapter.qapp.activeModalWidget()
-        try:
-            for box in dialog.findChildren(QtWidgets.QCheckBox):
-                if box.isEnabled():
-                    box.setChecked(True)
-            export = [b for b in dialog.findChildren(QtWidgets.QPushButton)
-                      if QtWidgets.QAbstractButton.text(b) == "Export"]
-            adapter.click(export[0])
-        finally:
-            if dialog is not None and dialog.isVisible():
-                dialog.reject()
+    def tick_all(dialog):
+        for box in dialog.findChildren(QtWidgets.QCheckBox):
+            if box.isEnabled():
+                box.setChecked(True)
 
-    QtCore.QTimer.singleShot(200, in_dialog)
-    adapter.click(ui.exportButton)
+    adapter.in_dialog(ui.exportButton, tick_all, "Export")
 
 
 def test_the_loop_ranks_loads_skips_exports_fine_tunes_switches_back_and_reopens(loop_panel):
