@@ -83,7 +83,10 @@ def train(args, store: Path, output: Path, method: str, seed: int, parent: Path 
         return 0.0
     command = [sys.executable, str(ROOT / "Training" / "train.py"), "--store", str(store), "--output", str(output),
                "--method", method, "--seed", str(seed), "--progress", "none", f"optim.iterations={iterations}",
-               f"data.cache={args.work / 'cache'}", *args.overrides]
+               f"data.cache={args.work / 'cache'}",
+               # every labeled case trains in every round: otherwise, from the 10th labeled case on, the
+               # store's split would hold some out for validation and the rounds would not compare
+               "validation.fraction=0", *args.overrides]
     if parent is not None:
         command[2:2] = ["--init-from", str(parent)]
         command.append(f"validation.every={max(1, iterations // 2)}")
