@@ -88,6 +88,38 @@ def _parser() -> argparse.ArgumentParser:
     bundle_info.add_argument("bundle", type=Path)
     bundle_info.add_argument("--json", action="store_true", help="print model.json and the weights summary as JSON")
     bundle_info.set_defaults(run=_run_bundle_info)
+    bundle_import = bundle_commands.add_parser(
+        "import", help="import a bundle (.zip or folder) into a models folder, checked first",
+        description="Copy a model bundle into a models folder, offline. It is checked before it is listed: a zip "
+                    "holding anything but a bundle's files (a pickle, code), a path outside its folder, a link, a "
+                    "newer bundle format or weights that are not safetensors are refused, with nothing written. "
+                    "A bundle already there is never replaced: the new one gets a -2 (or later) suffix.")
+    bundle_import.add_argument("source", type=Path, help="a bundle's .zip, or its folder")
+    bundle_import.add_argument("--models", type=Path, default=Path("models"),
+                               help="the models folder (default ./models; created if missing)")
+    bundle_import.set_defaults(run=_run_bundle_import)
+    bundle_history = bundle_commands.add_parser(
+        "history", help="list a bundle's versions (its ancestors and itself) with their validation Dice")
+    bundle_history.add_argument("bundle", type=Path)
+    bundle_history.set_defaults(run=_run_bundle_history)
+
+    suggest = commands.add_parser(
+        "suggest", help="rank a store's unlabeled cases: which to correct next",
+        description="Run a model bundle over the store's unlabeled images and rank them, most informative first: "
+                    "networks A and B's disagreement per organ (1 - soft Dice of their probability maps), or the "
+                    "mean predictive entropy over each organ's region, or a seeded random order. A case's score is the mean over organs of "
+                    "per-organ scores in [0, 1], so a small organ counts as much as the liver. Scores are cached "
+                    "per bundle and image (a second run with the same bundle runs no network). The ranking goes "
+                    "to suggestions.json beside dataset.json; skipped cases stay in it, at the bottom.")
+    suggest.add_argument("--store", type=Path, required=True, help="case store folder")
+    suggest.add_argument("--model", type=Path, help="model bundle folder (not needed for --strategy random or --skip)")
+    suggest.add_argument("-n", type=int, default=10, help="rows of the table to print (default 10; 0: all)")
+    suggest.add_argument("--strategy", choices=("disagreement", "entropy", "random"), default="disagreement")
+    suggest.add_argument("--seed", type=int, default=0, help="seed of --strategy random (default 0)")
+    suggest.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
+    suggest.add_argument("--skip", metavar="CASE", help="move CASE to the bottom of the saved ranking instead")
+    suggest.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    suggest.set_defaults(run=_run_suggest)
 
     evaluate = commands.add_parser(
         "evaluate", help="score label maps against references: Dice, Jaccard, HD95, ASD",
@@ -219,6 +251,45 @@ def _run_bundle_info(args: argparse.Namespace) -> int:
         print(json.dumps({**read_metadata(args.bundle), "weights": weights_summary(args.bundle)}, indent=2))
     else:
         print(describe_bundle(args.bundle))
+    return 0
+
+
+def _run_bundle_import(args: argparse.Namespace) -> int:
+    from .bundle_import import import_bundle
+
+    args.models.mkdir(parents=True, exist_ok=True)
+    target = import_bundle(args.source, args.models)
+    print(f"imported {args.source} as {target}")
+    return 0
+
+
+def _run_bundle_history(args: argparse.Namespace) -> int:
+    from .lineage import format_history
+
+    print(format_history(args.bundle))
+    return 0
+
+
+def _run_suggest(args: argparse.Namespace) -> int:
+    from .progress import Reporter
+    from .suggest import format_table, skip_case, suggest
+
+    if args.skip:
+        queue = skip_case(args.store, args.skip)
+        print(f"skipped {args.skip}; next: {queue[0]['case'] if queue else 'none'}")
+        return 0
+    if args.model is None and args.strategy != "random":
+        raise GuidedSegError(f"--strategy {args.strategy} needs --model BUNDLE")
+    reporter = Reporter(args.progress)
+    ranking = suggest(args.model, args.store, args.strategy, args.seed, args.device, reporter)
+    if args.progress == "json":
+        reporter.emit({"stage": "done", "progress": 1.0, "ranking": [s.to_dict() for s in ranking.items],
+                       "strategy": ranking.strategy, "inferred": ranking.inferred})
+    else:
+        print(format_table(ranking, args.n or None))
+        where = "no network runs for a random order" if ranking.strategy == "random" else \
+            f"{ranking.inferred} run through the networks, the rest from the cache"
+        print(f"ranked {len(ranking.items)} unlabeled case(s) ({where}); saved to {Path(args.store) / 'suggestions.json'}")
     return 0
 
 

@@ -101,10 +101,12 @@ class Predictor:
 
     @torch.inference_mode()
     def probabilities(self, volume: np.ndarray, progress: Callable[[float], None] | None = None,
-                      should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+                      should_stop: Callable[[], bool] | None = None, separate: bool = False) -> np.ndarray:
         """Class probabilities ``(K, z, y, x)`` float16 for a preprocessed ``(z, y, x)`` volume.
 
         Windows cover only :func:`body_box`; outside it the background has probability 1.
+        ``separate``: each network's own probabilities, stacked, ``(N * K, z, y, x)`` (network A's
+        K channels first), from the same windows.
         """
         from monai.inferers import sliding_window_inference
 
@@ -122,7 +124,8 @@ class Predictor:
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last_3d)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-                mean = sum(torch.softmax(net(batch)[0].float(), 1) for net in self.networks) / len(self.networks)
+                each = [torch.softmax(net(batch)[0].float(), 1) for net in self.networks]
+                mean = torch.cat(each, 1) if separate else sum(each) / len(each)
             done += batch.shape[0]
             if progress is not None:
                 progress(min(1.0, done / windows))
@@ -132,8 +135,9 @@ class Predictor:
         stitched = sliding_window_inference(inputs, self.patch, self.window_batch, predict, overlap=self.overlap,
                                             mode="gaussian", cval=background, sw_device=self.device,
                                             device=self.device)
-        out = np.zeros((len(self.class_values), *volume.shape), dtype=np.float16)
-        out[0] = 1.0
+        classes, copies = len(self.class_values), len(self.networks) if separate else 1
+        out = np.zeros((classes * copies, *volume.shape), dtype=np.float16)
+        out[::classes] = 1.0
         out[(slice(None), *box)] = stitched[0].cpu().numpy()
         return out
 

@@ -498,6 +498,12 @@ class CaseStore:
                 raise StoreError(path, f"training entry {entry!r} needs 'image' and 'label'")
         return data
 
+    def lock(self, timeout: float = 60.0):
+        """The store's write lock as a context manager, for writers of files beside dataset.json
+        (the ranking of ``guidedseg suggest``); StoreError when another process holds it longer
+        than ``timeout`` seconds."""
+        return _file_lock(self.root / LOCK_FILE, timeout)
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict]:
         """Hold the store's write lock; yield a fresh copy of dataset.json and commit it on success."""

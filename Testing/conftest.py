@@ -63,6 +63,28 @@ def oblique_case(size=(120, 110, 36), spacing=(0.83, 0.91, 3.3), angles=(12.0, -
     return image, label_image
 
 
+def skip_without_qt_panel():
+    """For the real-Qt panel suites: skip the module unless slicer-core, torch and PySide6 are
+    there (PySide6 installed but not loadable is a broken machine: an error, not a skip); the
+    ``slicer`` module. Call before importing slicer_qt_adapter (it imports PySide6)."""
+    import importlib.util
+
+    slicer = pytest.importorskip("slicer")
+    pytest.importorskip("torch")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("the 'slicer' module here is not slicer-core", allow_module_level=True)
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    if importlib.util.find_spec("PySide6") is None:
+        pytest.skip("PySide6 is not installed (it comes with the test extras: pip install -e .[test])",
+                    allow_module_level=True)
+    try:
+        from PySide6 import QtUiTools  # noqa: F401
+    except ImportError as error:
+        raise ImportError(f"PySide6 is installed but Qt does not load ({error}); on Debian/Ubuntu install "
+                          "libegl1 libgl1 libxkbcommon0 libfontconfig1 libdbus-1-3") from error
+    return slicer
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     total = a.sum() + b.sum()
     return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)

@@ -437,6 +437,31 @@ class Adapter:
             else:
                 sys.modules[name] = module
 
+    def in_dialog(self, opener, act, button: str) -> None:
+        """Click ``opener``, which opens a modal dialog; in it run ``act(dialog)``, then click its push
+        button labelled ``button`` (the dialog is rejected if it is still open after that)."""
+        def run():
+            dialog = self.qapp.activeModalWidget()
+            try:
+                act(dialog)
+                pushed = [b for b in dialog.findChildren(QtWidgets.QPushButton)
+                          if QtWidgets.QAbstractButton.text(b) == button]
+                self.click(pushed[0])
+            finally:
+                if dialog is not None and dialog.isVisible():
+                    dialog.reject()
+
+        QtCore.QTimer.singleShot(200, run)
+        self.click(opener)
+
+    def close_panel(self, panel) -> None:
+        """End a test's panel as Slicer closes a module (its children stopped), then undo the adapter."""
+        panel.cleanup()
+        panel.widget.close()
+        panel.widget.deleteLater()
+        self.process(0.05)
+        self.restore()
+
     # driving the event loop ------------------------------------------------------------------
     def process(self, seconds: float = 0.0) -> None:
         """Run the event loop for ``seconds`` (at least one pass)."""

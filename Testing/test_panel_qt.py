@@ -11,7 +11,6 @@ as edited; only what the user ticks is recorded). Screenshots go to $GUIDEDSEG_S
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
@@ -22,24 +21,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import vtk
-from conftest import THREE_ORGANS, three_organ_phantom
+from conftest import THREE_ORGANS, skip_without_qt_panel, three_organ_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "GuidedSeg"))
 
-slicer = pytest.importorskip("slicer")
-pytest.importorskip("torch")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the 'slicer' module here is not slicer-core", allow_module_level=True)
-os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-if importlib.util.find_spec("PySide6") is None:
-    pytest.skip("PySide6 is not installed (it comes with the test extras: pip install -e .[test])",
-                allow_module_level=True)
-try:  # installed but not loadable is a broken machine, not a reason to skip
-    from PySide6 import QtUiTools  # noqa: F401
-except ImportError as error:
-    raise ImportError(f"PySide6 is installed but Qt does not load ({error}); on Debian/Ubuntu install "
-                      "libegl1 libgl1 libxkbcommon0 libfontconfig1 libdbus-1-3") from error
+slicer = skip_without_qt_panel()
 
 import slicer_qt_adapter  # noqa: E402
 from PySide6 import QtCore, QtWidgets  # noqa: E402
@@ -85,11 +72,7 @@ def qt_panel(tmp_path, mrml, tiny_bundle):
     try:
         yield panel, adapter, models, work
     finally:
-        panel.cleanup()
-        panel.widget.close()
-        panel.widget.deleteLater()
-        adapter.process(0.05)
-        adapter.restore()
+        adapter.close_panel(panel)
 
 
 def screenshots(tmp_path) -> Path:
@@ -206,25 +189,15 @@ def test_the_real_panel_segments_cancels_keeps_corrections_and_exports_only_what
     # open Export: with no draft nothing is ticked or locked; the user ticks the liver they reviewed
     seen = {}
 
-    def in_dialog():
-        dialog = adapter.qapp.activeModalWidget()
-        try:
-            boxes = {QtWidgets.QAbstractButton.text(b).split(" (")[0]: b
-                     for b in dialog.findChildren(QtWidgets.QCheckBox)}
-            seen["boxes"] = {n: (b.isChecked(), b.isEnabled()) for n, b in boxes.items()}
-            boxes["liver"].setChecked(True)
-            adapter.process(0.05)
-            seen["summary"] = "\n".join(QtWidgets.QLabel.text(label) for label in dialog.findChildren(QtWidgets.QLabel))
-            adapter.screenshot(dialog, shots / "export-dialog.png")
-            export = [b for b in dialog.findChildren(QtWidgets.QPushButton)
-                      if QtWidgets.QAbstractButton.text(b) == "Export"]
-            adapter.click(export[0])
-        finally:
-            if dialog is not None and dialog.isVisible():
-                dialog.reject()
+    def tick_liver(dialog):
+        boxes = {QtWidgets.QAbstractButton.text(b).split(" (")[0]: b for b in dialog.findChildren(QtWidgets.QCheckBox)}
+        seen["boxes"] = {n: (b.isChecked(), b.isEnabled()) for n, b in boxes.items()}
+        boxes["liver"].setChecked(True)
+        adapter.process(0.05)
+        seen["summary"] = "\n".join(QtWidgets.QLabel.text(label) for label in dialog.findChildren(QtWidgets.QLabel))
+        adapter.screenshot(dialog, shots / "export-dialog.png")
 
-    QtCore.QTimer.singleShot(200, in_dialog)
-    adapter.click(ui.exportButton)
+    adapter.in_dialog(ui.exportButton, tick_liver, "Export")
     assert seen.get("boxes") == {name: (False, True) for name in THREE_ORGANS.values()}, seen
     assert "No model draft found" in seen["summary"] and "Counted as annotated: liver (checked)" in seen["summary"]
     assert ui.segmentStatusLabel.text.startswith("Stored label version 1 of case abdomen_phantom"), \

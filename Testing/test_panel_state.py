@@ -113,3 +113,18 @@ def test_long_paths_are_elided_to_their_last_parts():
     assert elide_path(long, limit=30) == ".../models/three-organs"
     assert elide_path("/data/models") == "/data/models"
     assert len(elide_path("/x/" + "y" * 80)) <= 48 and elide_path("/x/" + "y" * 80).endswith("yyyy")
+
+
+def test_the_loop_says_when_the_queue_is_empty_and_fine_tune_turns_into_cancel():
+    queued = view(PanelState(**READY, queue_length=3, labeled_count=2, current_case="case_7"))
+    assert queued.next_enabled and queued.rank_enabled and queued.reopen_enabled
+    assert queued.queue_text == "Current case: case_7. 3 unlabeled case(s) in the queue."
+    empty = view(PanelState(**READY, queue_length=0, labeled_count=5))
+    assert empty.queue_text == "The queue is empty: every training case of the store is labeled."
+    assert not empty.next_enabled and not empty.rank_enabled and empty.reopen_enabled
+    assert view(PanelState(**READY, queue_length=2)).fine_tune_enabled
+    running = view(PanelState(**READY, fine_tuning=True))
+    assert (running.fine_tune_text, running.fine_tune_enabled) == ("Cancel fine-tune", True)
+    assert not view(PanelState(**READY, training=True)).fine_tune_enabled  # one training at a time
+    assert not view(PanelState(**{**READY, "has_model": False})).fine_tune_enabled  # nothing to start from
+    assert view(PanelState(**READY, has_parent=True)).parent_enabled and not view(PanelState(**READY)).parent_enabled

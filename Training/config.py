@@ -115,6 +115,9 @@ class TrainConfig:
     method: str = "guidednet"  # a name in GuidedSegLib.methods.METHODS
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    # warm start: a model bundle whose weights start every network (train.py --init-from; its
+    # preprocessing and labels are kept, and the new bundle names it as its parent)
+    init_from: str | None = None
     checkpoint_every: int = 50
     log_every: int = 10
     # Each loss term's share of the gradient norm, to gradients.csv and TensorBoard, every this
@@ -209,6 +212,43 @@ def resume_config(output: str | Path, path: str | Path | None = None,
         return load_config(path, overrides, base=saved)
     except ConfigError as error:
         raise ConfigError(f"resuming {output}: {error}") from None
+
+
+FINETUNE = Path(__file__).resolve().parent / "configs" / "finetune.yaml"
+
+
+def finetune_config(bundle: str | Path, path: str | Path | None = None,
+                    overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """The settings of a warm start from ``bundle``: the parent's own training settings (its
+    network, patch, method and store), then ``configs/finetune.yaml`` (the short schedule), then
+    ``path`` and ``overrides``. The output defaults to a new ``<parent run>-ft<N>`` folder beside
+    the parent's run, and the preprocessing cache to the parent's (keyed by plan, so reusable)."""
+    from GuidedSegLib.bundle import read_metadata
+    from GuidedSegLib.lineage import next_version_folder
+
+    bundle = Path(bundle).resolve()
+    metadata = read_metadata(bundle)  # a newer bundle format is refused here, before anything else
+    training = metadata.get("training") or {}
+    base = dict(training.get("config") or {})
+    base.pop("phantoms", None)
+    if metadata.get("method") in METHODS:
+        base["method"] = metadata["method"]
+    base["store"] = training.get("store") or base.get("store")
+    base["init_from"] = str(bundle)
+    base["output"] = str(next_version_folder(bundle))
+    run = bundle.parent
+    data = dict(base.get("data") or {})
+    if not data.get("cache") and (run / "cache").is_dir():
+        data["cache"] = str(run / "cache")
+    base["data"] = data
+    try:
+        base = _merge(base, yaml.safe_load(FINETUNE.read_text()) or {})
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{FINETUNE}: cannot be read ({str(error).splitlines()[0]})") from None
+    try:
+        return load_config(path, overrides, base=base)
+    except ConfigError as error:
+        raise ConfigError(f"fine-tuning {bundle}: {error}") from None
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -4,6 +4,7 @@
     python Training/train.py --store STORE --method cps --output runs/cps optim.iterations=2000
     python Training/train.py --config Training/configs/guidednet-paper.yaml --store STORE
     python Training/train.py --output runs/cps --resume       # continue after a crash or Ctrl-C (settings as saved)
+    python Training/train.py --init-from runs/cps/bundle --store STORE   # fine-tune: a new bundle from this one
     torchrun --nproc_per_node 2 Training/train.py ...         # several GPUs (or CPU processes)
 
 Settings: the defaults, then --config YAML, then the flags below, then ``section.key=value``
@@ -31,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="run folder: checkpoints, logs, bundle")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--init-from", metavar="BUNDLE",
+                        help="warm start: every network starts from this bundle's weights, with its preprocessing, "
+                             "labels and settings, and Training/configs/finetune.yaml's short schedule; the new bundle "
+                             "goes into a new <run>-ftN folder (or --output) and names its parent")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output from its checkpoint, with the settings it saved")
     parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
@@ -40,12 +45,14 @@ def main(argv: list[str] | None = None) -> int:
                                        ("device", args.device), ("seed", args.seed)) if v is not None]
     try:
         from GuidedSegLib.errors import GuidedSegError
-        from Training.config import TrainConfig, load_config, resume_config
+        from Training.config import TrainConfig, finetune_config, load_config, resume_config
     except ModuleNotFoundError as error:
         return _missing(error)
     try:
         if args.resume:
             config = resume_config(args.output or TrainConfig().output, args.config, flags + args.overrides)
+        elif args.init_from:
+            config = finetune_config(args.init_from, args.config, flags + args.overrides)
         else:
             config = load_config(args.config, flags + args.overrides)
         from Training.trainer import train

@@ -34,6 +34,7 @@ from GuidedSegLib.errors import GuidedSegError
 from GuidedSegLib.imageio import atomic_path
 from GuidedSegLib.inference import count_windows
 from GuidedSegLib.labels import label_colour, mirror_permutation
+from GuidedSegLib.lineage import label_mismatch, lineage_metadata, training_cases
 from GuidedSegLib.methods import Batch, build_method
 from GuidedSegLib.metrics import per_class_dice, summarise
 from GuidedSegLib.preprocessing import PRESETS, PreprocessingPlan, plan_from_dataset
@@ -137,6 +138,7 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
                                  "it, or choose another output folder")
 
     store = _open_store(config, output, report, rank)
+    parent = _parent_bundle(config, store)  # warm start: checked against the store before anything is written
     splits = store.splits(validation_fraction=_validation_fraction(config, store))
     labeled_ids = splits.train
     if not labeled_ids:
@@ -151,9 +153,12 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     if config.uses_unlabeled and not splits.unlabeled and config.data.unlabeled_batch > 0:
         report.message(f"note: {store.root} has no unlabeled case; {config.method} learns from labeled crops only")
 
-    plan = _plan(config, store, labeled_ids, output, resume, report, rank)
+    if parent is not None:  # the bundle's preprocessing and classes (its network's head)
+        plan, class_values = _inherited_plan(config, parent, output, report, rank)
+    else:
+        plan = _plan(config, store, labeled_ids, output, resume, report, rank)
+        class_values = _classes(store, labeled_ids, output, resume, report, rank)
     cache = Path(config.data.cache) if config.data.cache else output / "cache"
-    class_values = _classes(store, labeled_ids, output, resume, report, rank)
     data = TrainingData(store, plan, cache, config.data.partial_labels, class_values)
     unlabeled_ids = splits.unlabeled if config.uses_unlabeled else []  # supervised learns from labels only
     groups = {"train": [store.case(i) for i in labeled_ids], "validation": [store.case(i) for i in splits.validation],
@@ -173,6 +178,8 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     method_name = config.method
     torch.manual_seed(config.seed)
     method = build_method(method_name, network_spec, data.num_classes, config.method_options(), config.optim.iterations)
+    if parent is not None and not resume:
+        _load_parent_weights(method, config.init_from, report, config.seed)
     divisor = method.networks["A"].divisor
     patch = _patch(config, prepared["train"], plan, divisor)
     unlabeled_batch = config.data.unlabeled_batch if config.uses_unlabeled else 0
@@ -227,6 +234,10 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     loader = torch.utils.data.DataLoader(IterationBatches(sampler, start, total, rank, world), batch_size=None,
                                          num_workers=config.data.workers, pin_memory=device.type == "cuda",
                                          persistent_workers=False)
+    if parent is not None and not resume:
+        best = _start_validation(method, prepared["validation"], patch, config, device, class_values, report,
+                                 rank, world, log, output, best)
+        parent["warm_start"]["start_validation"] = best["validation"]
     report.start_iterations(start, total)
     began, iteration, stopped = time.monotonic(), start, None
     skipped_in_a_row = 0
@@ -313,7 +324,8 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
         if splits.validation and (output / BEST).is_file():
             method.load_state_dict(torch.load(output / BEST, map_location=device, weights_only=True)["model"])
         cost = {"seconds_per_iteration": round(step_time / max(1, total - start), 4), "peak_memory_mb": _peak_memory_mb(device)}
-        bundle = _write_bundle(config, method, store, plan, patch, class_values, best, labeled_ids, splits, output, cost)
+        bundle = _write_bundle(config, method, store, plan, patch, class_values, best, labeled_ids, splits, output, cost,
+                               parent)
         report.message(format_table(best["validation"], store.labels))
         report.message(f"model bundle: {bundle}")
         report.emit({"stage": "done", "progress": 1.0, "bundle": str(bundle)})
@@ -464,6 +476,88 @@ def _monitor_cases(config: TrainConfig, store, splits) -> list:
     if not cases:
         raise TrainingSetupError(f"{folder}: holds no <case id>.nii.gz of the store's unlabeled cases")
     return cases
+
+
+# ----------------------------------------------------------------------------------------------
+# warm start (--init-from BUNDLE): every network starts from the bundle's weights
+
+
+def _parent_bundle(config: TrainConfig, store) -> dict | None:
+    """The metadata of the bundle to start from (None: train from scratch), checked before anything
+    is written: a format this library reads, a label set equal to the store's (a warm start keeps
+    the network's head, so it cannot learn organs the bundle lacks)."""
+    if not config.init_from:
+        return None
+    from GuidedSegLib.bundle import check_metadata, read_metadata
+
+    folder = Path(config.init_from)
+    parent = read_metadata(folder)  # refuses a newer bundle format
+    check_metadata(folder, parent)
+    not_trained = (parent.get("training") or {}).get("not_trained") or {}
+    problem = label_mismatch(parent["labels"], not_trained, store.labels)
+    if problem:
+        raise TrainingSetupError(f"cannot fine-tune {folder} on {store.root}: {problem}; a warm start keeps the "
+                                 "bundle's labels (new organs need training from scratch, without --init-from)")
+    names = list(parent["networks"])
+    wanted = ["A", "B"] if config.method != "supervised" else ["A"]
+    parent["warm_start"] = {"from": str(folder.resolve()),
+                            "networks": {n: (n if n in names else "A") for n in wanted}}
+    return parent
+
+
+def _inherited_plan(config: TrainConfig, parent: dict, output: Path, report: Reporter, rank: int):
+    """The parent's preprocessing plan (a preset named in data.preprocessing replaces it) and its
+    classes; plan.json and classes.json are written for --resume as a fresh run writes them."""
+    name = config.data.preprocessing
+    plan = PRESETS[name] if name in PRESETS else PreprocessingPlan.from_dict(parent["preprocessing"])
+    values = [int(v) for v in parent["labels"]]
+    if rank == 0:
+        with atomic_path(output / "plan.json") as tmp:
+            tmp.write_text(json.dumps(plan.to_dict(), indent=2))
+        with atomic_path(output / "classes.json") as tmp:
+            tmp.write_text(json.dumps({"values": values, "not_trained": (parent.get("training") or {}).get("not_trained") or {}}))
+        report.message(f"warm start from {config.init_from}: its preprocessing ({plan.source}) and its "
+                       f"{len(values) - 1} organs are kept")
+    return plan, values
+
+
+def _load_parent_weights(method, folder, report: Reporter, seed: int) -> None:
+    """Every network of ``method`` from the bundle: A from A, B from B; a network the bundle lacks
+    (B, when a one-network bundle starts a two-network method) from its A, which is said, with
+    noise of 5% of each weight tensor's SD added: two identical networks get identical gradients
+    from the symmetric CPS objective and would never become two."""
+    from GuidedSegLib.bundle import load_networks
+
+    _, networks = load_networks(folder, "cpu")
+    for name, network in method.networks.items():
+        source = name if name in networks else "A"
+        try:
+            network.load_state_dict(networks[source].state_dict())
+        except RuntimeError as error:
+            raise TrainingSetupError(f"{folder}: network {source} does not fit the method's network {name} "
+                                     f"({str(error).splitlines()[0]}); a warm start keeps the bundle's network "
+                                     "settings: leave network.* as the bundle has them") from None
+        if source != name:
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for weight in network.parameters():
+                    if weight.numel() > 1:
+                        weight.add_(torch.randn(weight.shape, generator=generator) * 0.05 * weight.std())
+            report.message(f"note: {folder} has no network {name}; {name} starts from network {source} with a "
+                           "little noise (5% of each weight's SD), so that the two networks can differ")
+
+
+def _start_validation(method, cases, patch, config, device, class_values, report, rank, world, log, output, best):
+    """Validate the parent's weights before the first step (iteration 0 of validation.csv): the
+    fine-tune starts from this Dice, and keeps these weights unless a later validation beats it."""
+    result = _validate(method, cases, patch, config, device, class_values, report, rank, world)
+    if result is None:
+        return best
+    log.validation(0, result)
+    report.message(f"iteration 0 (the parent's weights): validation mean Dice {result['mean_dice']:.4f}")
+    if rank == 0:
+        _save(output / BEST, {"model": method.state_dict(), "iteration": 0})
+    return {"score": result["mean_dice"], "iteration": 0, "validation": result}
 
 
 def _augmentation(config: TrainConfig, store, class_values, plan: PreprocessingPlan, report: Reporter,
@@ -656,7 +750,8 @@ def _peak_memory_mb(device: torch.device) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: kB
 
 
-def _write_bundle(config, method, store, plan, patch, class_values, best, labeled_ids, splits, output, cost) -> Path:
+def _write_bundle(config, method, store, plan, patch, class_values, best, labeled_ids, splits, output, cost,
+                  parent=None) -> Path:
     stride = config.inference.stride
     window = tuple(config.inference.patch or patch)
     stride = tuple(stride) if stride else tuple(max(1, w // 2) for w in window)
@@ -684,10 +779,15 @@ def _write_bundle(config, method, store, plan, patch, class_values, best, labele
             "selection": (f"best validation Dice of {len(splits.validation)} held-out cases" if splits.validation else
                           f"final weights: no validation case (all {len(labeled_ids)} labeled cases trained)"),
             "seed": config.seed, "config": config.to_dict(), **cost,
+            "cases": training_cases(store, {"train": labeled_ids, "validation": splits.validation}),
         },
         "validation": best["validation"],
         "parent": None,
     }
+    if parent is not None:
+        metadata.update(lineage_metadata(config.init_from, parent))
+        metadata["name"] = f"{metadata['name']}-v{len(metadata['lineage']) + 1}"  # version N of a chain
+        metadata["warm_start"] = parent["warm_start"]
     folder = output / "bundle"
     n = 2
     while folder.exists():

@@ -29,6 +29,7 @@ TRAIN_STAGES = {
     "validate": "Validating",
     "done": "Done",
 }
+SUGGEST_STAGES = {"suggest": "Ranking the unlabeled cases", "done": "Done"}
 
 
 def library_root() -> Path:
@@ -101,6 +102,22 @@ def train_command(python: str, store: str | os.PathLike | None, output: str | os
     if device:
         argv += ["--device", device]
     return argv + list(settings)
+
+
+def finetune_command(python: str, bundle: str | os.PathLike, store: str | os.PathLike, output: str | os.PathLike,
+                     device: str | None = None, script: str | os.PathLike | None = None,
+                     settings: tuple[str, ...] = ()) -> list[str]:
+    """train.py --init-from: a warm start from ``bundle`` on the store as it is now (the schedule of
+    Training/configs/finetune.yaml; ``settings``: ``section.key=value`` overrides)."""
+    argv = [python, str(script or train_script()), "--init-from", str(bundle), "--store", str(store),
+            "--output", str(output), "--progress", "json"]
+    return argv + (["--device", device] if device else []) + list(settings)
+
+
+def suggest_command(python: str, bundle: str | os.PathLike, store: str | os.PathLike, device: str = "cpu") -> list[str]:
+    """guidedseg suggest: rank the store's unlabeled cases with ``bundle`` (saved beside dataset.json)."""
+    return [python, "-m", "GuidedSegLib.cli", "suggest", "--model", str(bundle), "--store", str(store),
+            "--device", device, "--progress", "json"]
 
 
 # The device probe runs in a child so that Slicer itself never imports torch (or CUDA).

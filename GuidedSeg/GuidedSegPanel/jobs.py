@@ -194,6 +194,41 @@ class TrainJob(Job):
             shutil.rmtree(self.output, ignore_errors=True)
 
 
+class FineTuneJob(TrainJob):
+    """Training/train.py --init-from the chosen model, on the store as it is now, into a new run
+    folder in the models folder (a new bundle version; the parent is never touched)."""
+
+    task = "finetune"
+
+    def __init__(self, store_root, models_folder, parent: ModelInfo, device: str | None = None, *, python: str,
+                 script=None, runner=ChildProcess, settings: tuple[str, ...] = ()):
+        self.parent = parent
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", parent.name).strip("._-") or "model"
+        self.output = Path(models_folder) / f"{base}-ft-{stamp}"
+        number = 2
+        while self.output.exists():
+            self.output = Path(models_folder) / f"{base}-ft-{stamp}-{number}"
+            number += 1
+        Job.__init__(self, commands.finetune_command(python, parent.path, store_root, self.output, device, script,
+                                                     settings), runner)
+
+
+class SuggestJob(Job):
+    """guidedseg suggest on the store with the chosen model; the result is the ranking (case ids)."""
+
+    task = "suggest"
+    stages = commands.SUGGEST_STAGES
+
+    def __init__(self, store_root, model: ModelInfo, device: str = "cpu", *, python: str, runner=ChildProcess):
+        if not model.usable:
+            raise ValueError(model.problem)
+        super().__init__(commands.suggest_command(python, model.path, store_root, device), runner)
+
+    def result(self) -> list[str]:
+        return [entry["case"] for entry in (self.process.result or {}).get("ranking") or []]
+
+
 class DeviceProbe(Job):
     """Ask a child Python which devices torch sees (Slicer itself never imports torch)."""
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from GuidedSegLib.errors import GuidedSegError
 from GuidedSegLib.store import CaseStore
 
-from . import commands, install, models, nodes
+from . import commands, install, loop, models, nodes
 from .export import ExportPlan, edited_segments, perform_export, plan_export
-from .jobs import DeviceProbe, SegmentJob, TrainJob, Update
+from .jobs import DeviceProbe, FineTuneJob, SegmentJob, SuggestJob, TrainJob, Update
 from .parameters import PanelParameters, parameter_node
 from .process import ChildProcess
 from .state import PanelState
@@ -39,6 +39,8 @@ class PanelLogic:
         self._store: CaseStore | None = None
         self._store_problem: str | None = None
         self._store_path = None
+        self.comparison = ""  # the last fine-tune's validation Dice beside its parent's
+        self.fine_tune_settings: tuple[str, ...] = ()  # train.py overrides for Fine-tune (tests shorten it)
 
     @property
     def parameters(self) -> PanelParameters:
@@ -175,6 +177,109 @@ class PanelLogic:
         self.jobs["train"] = job.start()
         return job
 
+    # annotation loop -----------------------------------------------------------------------------
+    def _ready_store(self) -> CaseStore:
+        store = self.store()
+        if store is None:
+            raise ValueError(self._store_problem or "Choose a case store first.")
+        return store
+
+    def queue(self) -> list[str]:
+        """The unlabeled cases in the order to correct them (see loop.queue); [] without a store."""
+        store = self.store()
+        return loop.queue(store) if store is not None else []
+
+    def start_rank(self) -> SuggestJob:
+        """Rank the store's unlabeled cases with the chosen model in the background (guidedseg suggest)."""
+        store, model = self._ready_store(), self.selected_model()
+        if model is None:
+            raise ValueError("Choose a model first: it ranks the unlabeled cases.")
+        if not store.cases("unlabeled"):
+            raise ValueError(loop.empty_queue_text(store))
+        if self.running("suggest"):
+            raise ValueError("Ranking is already running.")
+        job = SuggestJob(store.root, model, self.parameters.device, python=self.python, runner=self.runner)
+        self.jobs["suggest"] = job.start()
+        return job
+
+    def next_case(self):
+        """Load the first case of the queue as the input volume and start segmenting it with the
+        chosen model (its draft, ready to correct); (case id, the Segment job or None without a
+        usable model). ValueError saying the queue is empty when it is."""
+        store = self._ready_store()
+        order = loop.queue(store)
+        if not order:
+            raise ValueError(loop.empty_queue_text(store))
+        case = store.case(order[0])
+        p = self.parameters
+        volume = loop.load_case(case, store, self.scene)
+        p.input_volume, p.segmentation, p.current_case = volume, None, case.case_id
+        model = self.selected_model()
+        job = None
+        if model is not None and model.usable and not self.running("segment"):
+            job = self.start_segment()
+        return case.case_id, job
+
+    def skip_case(self):
+        """Move the current case to the bottom of the queue (it stays in it) and load the next."""
+        store, p = self._ready_store(), self.parameters
+        if p.current_case and p.current_case in {c.case_id for c in store.cases("unlabeled")}:
+            from GuidedSegLib.suggest import skip_case
+
+            skip_case(store.root, p.current_case)
+        return self.next_case()
+
+    def reopen_case(self, case_id: str):
+        """Load a labeled case with its latest label version, to correct it again."""
+        store = self._ready_store()
+        volume, node = loop.reopen(case_id, store, self.scene, self.segmentations_logic)
+        p = self.parameters
+        p.input_volume, p.segmentation, p.current_case = volume, node, case_id
+        return node
+
+    def start_fine_tune(self) -> FineTuneJob:
+        """Fine-tune the chosen model on the store as it is now (train.py --init-from), in the background."""
+        store, model = self._ready_store(), self.selected_model()
+        if model is None or not model.usable:
+            raise ValueError("Choose a usable model first: the fine-tune starts from it.")
+        problem = models.folder_problem(self.models_folder)
+        if problem:
+            raise ValueError(problem)
+        if self.running("train") or self.running("finetune"):
+            raise ValueError("Training is already running.")
+        job = FineTuneJob(store.root, self.models_folder, model, self.parameters.device, python=self.python,
+                          runner=self.runner, settings=self.fine_tune_settings)
+        self.jobs["finetune"] = job.start()
+        self.parameters.labeled_at_fine_tune = len(store.cases("labeled"))
+        return job
+
+    def set_auto_fine_tune(self, every: int) -> None:
+        """Fine-tune automatically after every ``every`` new labeled cases (0: off); counted from now."""
+        p, store = self.parameters, self.store()
+        if every and not p.auto_fine_tune_every and store is not None:
+            p.labeled_at_fine_tune = len(store.cases("labeled"))
+        p.auto_fine_tune_every = every
+
+    def auto_fine_tune(self) -> FineTuneJob | None:
+        """After an export: start a fine-tune when the option says one is due (off by default)."""
+        store, p = self.store(), self.parameters
+        if store is None or self.running("finetune") or self.running("train"):
+            return None
+        if not loop.fine_tune_due(len(store.cases("labeled")), p.labeled_at_fine_tune, p.auto_fine_tune_every):
+            return None
+        try:
+            return self.start_fine_tune()
+        except ValueError:
+            return None
+
+    def select_parent(self) -> models.ModelInfo | None:
+        """Switch back to the chosen model's parent (an earlier version), when it is listed."""
+        model = self.selected_model()
+        parent = next((m for m in self.models if model and model.parent and m.path == Path(model.parent)), None)
+        if parent is not None:
+            self.parameters.model = str(parent.path)
+        return parent
+
     def start_device_probe(self) -> DeviceProbe | None:
         if self.running("devices"):
             return None
@@ -231,9 +336,22 @@ class PanelLogic:
                 return Update(job.task, "Failed", finished=True, error=str(error), elapsed_s=update.elapsed_s)
             self.parameters.segmentation = node
             update.result = node
+            try:
+                organs = loop.parse_organs(self.parameters.organs, job.model.labels)
+            except ValueError as error:  # the choice names an organ this model lacks: all are kept
+                update.log.append(f"organ choice ignored: {error}")
+                organs = None
+            if organs is not None:
+                loop.keep_organs(node, [job.model.labels[v] for v in organs])
         elif isinstance(job, TrainJob):
             self.refresh_models()
             self.parameters.model = str(update.result)
+            if isinstance(job, FineTuneJob):
+                new = self.selected_model()
+                parent = next((m for m in self.models if m.path == job.parent.path), job.parent)
+                self.comparison = loop.comparison_text(new, parent) if new is not None else ""
+        elif isinstance(job, SuggestJob):
+            pass  # the ranking is in the store (suggestions.json); the queue reads it
         elif isinstance(job, DeviceProbe):
             self.devices = update.result
             self.environment = job.environment
@@ -289,6 +407,12 @@ class PanelLogic:
             has_store=store is not None,
             training=self.running("train"),
             train_script_found=commands.train_script().is_file(),
+            ranking=self.running("suggest"),
+            current_case=p.current_case,
+            fine_tuning=self.running("finetune"),
+            queue_length=len(loop.queue(store)) if store is not None else 0,
+            labeled_count=len(store.cases("labeled")) if store is not None else 0,
+            has_parent=bool(model is not None and model.parent and any(m.path == Path(model.parent) for m in self.models)),
         )
 
 

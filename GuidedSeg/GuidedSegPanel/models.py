@@ -30,6 +30,7 @@ class ModelInfo:
     networks: tuple[str, ...] = ()
     created: str = ""
     selection: str = ""  # how the weights were chosen ("final weights: no validation case ...")
+    parent: str = ""  # the bundle it was fine-tuned from ("" for a model trained from scratch)
     problem: str | None = None  # why it cannot be used; None when it can
 
     @property
@@ -91,7 +92,8 @@ def read_model(path: str | os.PathLike) -> ModelInfo:
     return ModelInfo(path=path, name=name, method=str(metadata.get("method") or ""), labels=labels, colours=colours,
                      mean_dice=float(mean) if isinstance(mean, (int, float)) else None, organ_dice=organ_dice,
                      networks=tuple(metadata.get("networks") or ()), created=str(metadata.get("created") or ""),
-                     selection=str((metadata.get("training") or {}).get("selection") or ""))
+                     selection=str((metadata.get("training") or {}).get("selection") or ""),
+                     parent=str((metadata.get("parent") or {}).get("path") or ""))
 
 
 def list_models(folder: str | os.PathLike | None) -> list[ModelInfo]:
@@ -129,98 +131,21 @@ def folder_problem(folder: str | os.PathLike | None) -> str | None:
 
 
 def bundle_problem(folder: str | os.PathLike) -> str | None:
-    """Why ``folder`` is not a usable bundle (model.json, its parts, the weights file's header), or
-    None. Reads no weights and imports no torch."""
-    import json
-    import struct
+    """Why ``folder`` is not a usable bundle, or None (GuidedSegLib.bundle_import; no torch)."""
+    from GuidedSegLib.bundle_import import bundle_problem as problem
 
-    from GuidedSegLib.bundle import WEIGHTS_FILE, check_metadata
-
-    folder = Path(folder)
-    try:
-        metadata = read_metadata(folder)
-        check_metadata(folder, metadata)
-    except GuidedSegError as error:
-        return str(error)
-    except (KeyError, TypeError, ValueError) as error:
-        return f"{folder / METADATA_FILE}: cannot be read ({error})"
-    weights = folder / WEIGHTS_FILE
-    try:
-        with open(weights, "rb") as stream:
-            (size,) = struct.unpack("<Q", stream.read(8))
-            if not 0 < size < 100_000_000:
-                raise ValueError("bad header size")
-            header = json.loads(stream.read(size))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a table of tensors")
-    except FileNotFoundError:
-        return f"{weights}: missing (a bundle keeps its weights there)"
-    except (OSError, ValueError, struct.error) as error:
-        return f"{weights}: not a safetensors weights file ({error})"
-    return None
-
-
-def _find_bundle(root: Path) -> Path | None:
-    if (root / METADATA_FILE).is_file():
-        return root
-    children = [c for c in root.iterdir() if c.is_dir() and not c.name.startswith((".", "__MACOSX"))]
-    for child in children:
-        for candidate in (child, child / "bundle"):
-            if (candidate / METADATA_FILE).is_file():
-                return candidate
-    return None
+    return problem(folder)
 
 
 def import_bundle(source: str | os.PathLike, models_folder: str | os.PathLike) -> ModelInfo:
-    """Copy a bundle (a folder, or a .zip holding one) into the models folder, checked first.
+    """Copy a bundle (a folder, or a .zip holding one) into the models folder, checked first
+    (GuidedSegLib.bundle_import, as ``guidedseg bundle import`` does): a zip holding anything but
+    a bundle's files (a pickle), a path outside itself or a newer format is refused; a bundle of
+    the same name already there is kept, the new one gets a "-2" (or later) suffix. Raises
+    ValueError naming the source and the problem; nothing is left behind then."""
+    from GuidedSegLib.bundle_import import import_bundle as copy_in
 
-    It is unpacked under a hidden temporary name (which the model list skips), checked with
-    :func:`bundle_problem`, then renamed into place; a bundle of the same name already there is
-    kept, the new one gets a "-2" (or later) suffix. Raises ValueError naming the source and the
-    problem; nothing is left behind then.
-    """
-    import re
-    import secrets
-    import shutil
-    import zipfile
-
-    source, models_folder = Path(source), Path(models_folder)
     problem = folder_problem(models_folder)
     if problem:
         raise ValueError(problem)
-    work = models_folder / f".import-{secrets.token_hex(4)}"
-    work.mkdir()
-    try:
-        if source.is_dir():
-            shutil.copytree(source, work / source.name)
-        elif source.is_file() and zipfile.is_zipfile(source):
-            with zipfile.ZipFile(source) as archive:
-                for member in archive.namelist():
-                    target = (work / member).resolve()
-                    if work.resolve() not in target.parents and target != work.resolve():
-                        raise ValueError(f"{source}: the archive holds a path outside itself ({member!r})")
-                archive.extractall(work)
-        elif source.exists():
-            raise ValueError(f"{source}: not a model bundle folder or a .zip of one")
-        else:
-            raise ValueError(f"{source}: does not exist")
-        bundle = _find_bundle(work)
-        if bundle is None:
-            raise ValueError(f"{source}: holds no {METADATA_FILE}, so it is not a GuidedSeg model bundle")
-        problem = bundle_problem(bundle)
-        if problem:
-            raise ValueError(f"{source}: {problem.replace(str(work), '(import)')}")
-        if bundle == work or (bundle.name == "bundle" and bundle.parent == work):
-            name = source.stem if source.is_file() else source.name  # model.json at the archive's root
-        elif bundle.name == "bundle":
-            name = bundle.parent.name  # a training run folder: <run>/bundle
-        else:
-            name = bundle.name
-        base = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or "model"
-        target, number = models_folder / base, 2
-        while target.exists():
-            target, number = models_folder / f"{base}-{number}", number + 1
-        os.replace(bundle, target)
-        return read_model(target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return read_model(copy_in(source, models_folder))

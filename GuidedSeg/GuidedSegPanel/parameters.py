@@ -112,6 +112,44 @@ class PanelParameters:
             raise ValueError(f"training method {value!r} is not one of {METHODS}")
         self._set("TrainMethod", value)
 
+    @property
+    def current_case(self) -> str:
+        """The store case loaded by Next case or Re-open ("" when none)."""
+        return self._get("CurrentCase")
+
+    @current_case.setter
+    def current_case(self, case_id) -> None:
+        self._set("CurrentCase", case_id or "")
+
+    @property
+    def organs(self) -> str:
+        """The organs to segment, comma-separated names ("" for all)."""
+        return self._get("Organs")
+
+    @organs.setter
+    def organs(self, text) -> None:
+        self._set("Organs", text or "")
+
+    @property
+    def auto_fine_tune_every(self) -> int:
+        """Fine-tune automatically after this many new labeled cases (0: off, the default)."""
+        value = self._get("AutoFineTuneEvery", "0")
+        return int(value) if value.isdigit() else 0
+
+    @auto_fine_tune_every.setter
+    def auto_fine_tune_every(self, every: int) -> None:
+        self._set("AutoFineTuneEvery", max(0, int(every)))
+
+    @property
+    def labeled_at_fine_tune(self) -> int:
+        """How many labeled cases the store had at the last fine-tune (or when the count started)."""
+        value = self._get("LabeledAtFineTune", "0")
+        return int(value) if value.isdigit() else 0
+
+    @labeled_at_fine_tune.setter
+    def labeled_at_fine_tune(self, count: int) -> None:
+        self._set("LabeledAtFineTune", int(count))
+
     # node references --------------------------------------------------------------------------
     @property
     def input_volume(self):

@@ -26,6 +26,12 @@ class PanelState:
     has_store: bool = False
     training: bool = False
     train_script_found: bool = True
+    ranking: bool = False  # guidedseg suggest is running
+    fine_tuning: bool = False
+    queue_length: int = 0  # unlabeled cases waiting
+    labeled_count: int = 0
+    has_parent: bool = False  # the chosen model was fine-tuned from a listed one
+    current_case: str = ""  # the store case loaded by Next case or Re-open
 
 
 @dataclass
@@ -45,6 +51,15 @@ class PanelView:
     inputs_enabled: bool  # volume, model and device choices (locked while segmenting)
     starter_visible: bool  # "Train a starter model": there is no model and nothing is training
     message: str  # the most useful thing to say now; "" when nothing needs saying
+    rank_enabled: bool = False
+    rank_text: str = "Rank"
+    next_enabled: bool = False  # Next case and Skip
+    queue_text: str = ""
+    reopen_enabled: bool = False
+    fine_tune_enabled: bool = False
+    fine_tune_text: str = "Fine-tune"
+    fine_tune_tooltip: str = ""
+    parent_enabled: bool = False
 
 
 def view(state: PanelState) -> PanelView:
@@ -96,6 +111,24 @@ def view(state: PanelState) -> PanelView:
     else:
         train_tip = "Train a new model on the store in the background; the bundle appears in the model list"
     train_ready = store_ready and not state.models_folder_problem and state.train_script_found
+    model_ready = state.has_model and state.model_problem is None
+    if not store_ready:
+        queue_text = ""
+    elif state.queue_length == 0:
+        queue_text = "The queue is empty: every training case of the store is labeled."
+    else:
+        queue_text = f"{state.queue_length} unlabeled case(s) in the queue."
+    if store_ready and state.current_case:
+        queue_text = f"Current case: {state.current_case}. {queue_text}"
+    if state.fine_tuning:
+        fine_tune_tip = "Stop the fine-tune (no new model is written)"
+    elif not (train_ready and model_ready):
+        fine_tune_tip = "Choose a case store, a models folder and the model to start from first"
+    elif state.training:
+        fine_tune_tip = "Training is running; fine-tune when it is done"
+    else:
+        fine_tune_tip = ("Fine-tune the chosen model on the store as it is now (runs in the background); "
+                         "a new version appears in the model list")
 
     return PanelView(
         install_visible=bool(state.missing_packages),
@@ -111,6 +144,15 @@ def view(state: PanelState) -> PanelView:
         inputs_enabled=not state.segmenting,
         starter_visible=no_model and not state.training and state.train_script_found,
         message="\n".join(messages),
+        rank_enabled=state.ranking or (store_ready and model_ready and state.queue_length > 0),
+        rank_text="Cancel ranking" if state.ranking else "Rank",
+        next_enabled=store_ready and state.queue_length > 0 and not state.segmenting,
+        queue_text=queue_text,
+        reopen_enabled=store_ready and state.labeled_count > 0 and not state.segmenting,
+        fine_tune_enabled=state.fine_tuning or (train_ready and model_ready and not state.training),
+        fine_tune_text="Cancel fine-tune" if state.fine_tuning else "Fine-tune",
+        fine_tune_tooltip=fine_tune_tip,
+        parent_enabled=state.has_parent and not state.segmenting,
     )
 
 

@@ -34,6 +34,7 @@ class PanelWidget(VTKObservationMixin):
         self.logic = logic or PanelLogic(slicer.mrmlScene, slicer.modules.segmentations.logic(),
                                          work_root=slicer.app.temporaryPath)
         self._updating = False
+        self.queue_note = ""  # what the last ranking found, shown under the queue's state
         self._cleanup_pending = False
         self._observed_parameters = None
         self.timer = qt.QTimer()
@@ -47,6 +48,7 @@ class PanelWidget(VTKObservationMixin):
             box.setMinimumContentsLength(12)
         ui.segmentProgressBar.setVisible(False)
         ui.trainProgressBar.setVisible(False)
+        ui.fineTuneProgressBar.setVisible(False)
         ui.modelsFolderPathLineEdit.currentPath = qt.QSettings().value(MODELS_FOLDER_SETTING, "")
         self.logic.set_models_folder(ui.modelsFolderPathLineEdit.currentPath)
 
@@ -70,6 +72,14 @@ class PanelWidget(VTKObservationMixin):
         ui.show3DButton.connect("toggled(bool)", self.on_show_3d)
         ui.exportButton.connect("clicked()", self.on_export)
         ui.trainButton.connect("clicked()", self.on_train)
+        ui.rankButton.connect("clicked()", self.on_rank)
+        ui.nextCaseButton.connect("clicked()", self.on_next_case)
+        ui.skipButton.connect("clicked()", self.on_skip)
+        ui.reopenButton.connect("clicked()", self.on_reopen)
+        ui.fineTuneButton.connect("clicked()", self.on_fine_tune)
+        ui.parentModelButton.connect("clicked()", self.on_parent_model)
+        ui.organsLineEdit.connect("editingFinished()", self.on_gui_changed)
+        ui.autoFineTuneSpinBox.connect("valueChanged(int)", self.on_gui_changed)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.on_scene_start_close)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.on_scene_end_close)
@@ -176,6 +186,9 @@ class PanelWidget(VTKObservationMixin):
             ui.replaceSegmentationCheckBox.checked = p.replace_segmentation
             if ui.storePathLineEdit.currentPath != p.store:
                 ui.storePathLineEdit.currentPath = p.store
+            if ui.organsLineEdit.text != p.organs:
+                ui.organsLineEdit.text = p.organs
+            ui.autoFineTuneSpinBox.value = p.auto_fine_tune_every
 
             model = self.logic.selected_model()
             ui.modelInfoLabel.text = model.description() if model is not None else ""
@@ -211,8 +224,30 @@ class PanelWidget(VTKObservationMixin):
             ui.trainButton.enabled = view.train_enabled
             ui.trainButton.toolTip = view.train_tooltip
             ui.methodComboBox.enabled = not self.logic.running("train")
+            self.update_loop(view, store)
         finally:
             self._updating = False
+
+    def update_loop(self, view, store) -> None:
+        """The annotation loop's controls (called from update_gui)."""
+        ui = self.ui
+        ui.rankButton.text = view.rank_text
+        ui.rankButton.enabled = view.rank_enabled
+        ui.nextCaseButton.enabled = ui.skipButton.enabled = view.next_enabled
+        if not self.logic.running("suggest"):
+            ui.queueLabel.text = "\n".join(t for t in (view.queue_text, self.queue_note) if t)
+        ui.reopenButton.enabled = ui.reopenComboBox.enabled = view.reopen_enabled
+        labeled = [c.case_id for c in store.cases("labeled")] if store is not None else []
+        if [ui.reopenComboBox.itemText(i) for i in range(ui.reopenComboBox.count)] != labeled:
+            chosen = ui.reopenComboBox.currentText
+            ui.reopenComboBox.clear()
+            ui.reopenComboBox.addItems(labeled)
+            ui.reopenComboBox.setCurrentIndex(max(0, ui.reopenComboBox.findText(chosen)))
+        ui.fineTuneButton.text = view.fine_tune_text
+        ui.fineTuneButton.enabled = view.fine_tune_enabled
+        ui.fineTuneButton.toolTip = view.fine_tune_tooltip
+        ui.parentModelButton.enabled = view.parent_enabled
+        ui.comparisonLabel.text = self.logic.comparison
 
     @staticmethod
     def store_text(store) -> str:
@@ -242,6 +277,8 @@ class PanelWidget(VTKObservationMixin):
             p.largest_component = ui.largestComponentCheckBox.checked
             p.replace_segmentation = ui.replaceSegmentationCheckBox.checked
             p.store = ui.storePathLineEdit.currentPath
+            p.organs = ui.organsLineEdit.text
+            self.logic.set_auto_fine_tune(ui.autoFineTuneSpinBox.value)
         self.update_gui()
 
     def on_models_folder_changed(self, path) -> None:
@@ -454,6 +491,90 @@ class PanelWidget(VTKObservationMixin):
         annotated = ", ".join(store.labels[v] for v in case.annotated) or "none"
         self.ui.segmentStatusLabel.text = (f"Stored label version {case.label_version} of case {case.case_id} "
                                            f"(annotated: {annotated}).")
+        job = self.logic.auto_fine_tune()
+        if job is not None:
+            self.show_fine_tune(job, "Fine-tuning automatically (every "
+                                     f"{self.logic.parameters.auto_fine_tune_every} new labeled cases)...")
+        self.update_gui()
+
+    # ------------------------------------------------------------------------------------------
+    # annotation loop
+
+    def on_rank(self) -> None:
+        if self.logic.running("suggest"):
+            self.logic.cancel("suggest")
+            return
+        try:
+            self.logic.start_rank()
+        except (GuidedSegError, ValueError, OSError) as error:
+            slicer.util.warningDisplay(str(error), windowTitle="Rank")
+            return
+        self.ui.queueLabel.text = "Ranking the unlabeled cases..."
+        self.timer.start()
+        self.update_gui()
+
+    def on_next_case(self, skip: bool = False) -> None:
+        self.queue_note = ""
+        try:
+            with slicer.util.WaitCursor():
+                case_id, job = self.logic.skip_case() if skip else self.logic.next_case()
+        except (GuidedSegError, ValueError, OSError) as error:
+            slicer.util.warningDisplay(str(error), windowTitle="Next case")
+            self.update_gui()
+            return
+        if job is not None:
+            self.ui.segmentProgressBar.setValue(0)
+            self.ui.segmentProgressBar.setVisible(True)
+            self.ui.segmentStatusLabel.text = "Starting..."
+            self.timer.start()
+        slicer.util.setSliceViewerLayers(background=self.logic.parameters.input_volume, fit=True)
+        self.ui.segmentStatusLabel.text = (f"Case {case_id}: segmenting its draft..." if job else
+                                           f"Case {case_id} loaded: choose a model to segment it.")
+        self.update_gui()
+
+    def on_skip(self) -> None:
+        self.on_next_case(skip=True)
+
+    def on_reopen(self) -> None:
+        case_id = self.ui.reopenComboBox.currentText
+        if not case_id:
+            return
+        try:
+            with slicer.util.WaitCursor():
+                node = self.logic.reopen_case(case_id)
+        except (GuidedSegError, ValueError, OSError) as error:
+            slicer.util.errorDisplay(f"Re-open failed: {error}")
+            return
+        slicer.util.setSliceViewerLayers(background=self.logic.parameters.input_volume, fit=True)
+        self.ui.segmentStatusLabel.text = f"Re-opened {node.GetName()}: correct it, then export (a new label version)."
+        self.update_gui()
+
+    def on_fine_tune(self) -> None:
+        if self.logic.running("finetune"):
+            self.logic.cancel("finetune")
+            self.ui.fineTuneStatusLabel.text = "Stopping..."
+            return
+        if not self.dependencies_ready():
+            return
+        try:
+            job = self.logic.start_fine_tune()
+        except (GuidedSegError, ValueError, OSError) as error:
+            slicer.util.errorDisplay(f"Fine-tune could not start: {error}")
+            return
+        self.show_fine_tune(job, "Starting...")
+
+    def show_fine_tune(self, job, text) -> None:
+        self.append_log([f"fine-tuning {job.parent.name} into {job.output}"])
+        self.ui.fineTuneProgressBar.setValue(0)
+        self.ui.fineTuneProgressBar.setVisible(True)
+        self.ui.fineTuneStatusLabel.text = text
+        self.timer.start()
+        self.update_gui()
+
+    def on_parent_model(self) -> None:
+        parent = self.logic.select_parent()
+        if parent is not None:
+            self.ui.fineTuneStatusLabel.text = f"Switched back to {parent.name}."
         self.update_gui()
 
     def on_train(self) -> None:
@@ -482,7 +603,9 @@ class PanelWidget(VTKObservationMixin):
         changed = False
         for update in self.logic.poll():
             bar, label = {"segment": (self.ui.segmentProgressBar, self.ui.segmentStatusLabel),
-                          "train": (self.ui.trainProgressBar, self.ui.trainStatusLabel)}.get(update.task, (None, None))
+                          "train": (self.ui.trainProgressBar, self.ui.trainStatusLabel),
+                          "finetune": (self.ui.fineTuneProgressBar, self.ui.fineTuneStatusLabel),
+                          "suggest": (None, self.ui.queueLabel)}.get(update.task, (None, None))
             if update.log:
                 self.append_log(update.log)
             if bar is not None and update.progress is not None:
@@ -512,14 +635,22 @@ class PanelWidget(VTKObservationMixin):
                           "Correct it, then export the corrected labels.")
             volume = self.logic.parameters.input_volume
             slicer.util.setSliceViewerLayers(background=volume, fit=False)
+        elif update.task == "suggest":
+            self.queue_note = (f"Ranked {len(update.result)} unlabeled case(s); next: {update.result[0]}. Click Next "
+                               "case." if update.ok and update.result else f"Ranking failed: {update.error}")
+        elif update.ok and update.task == "finetune":
+            label.text = f"Done in {_duration(update.elapsed_s)}: new version {state.elide_path(update.result)}"
+            self.fill_models()
         elif update.ok and update.task == "train":
             label.text = f"Done in {_duration(update.elapsed_s)}: new model {state.elide_path(update.result)}"
             self.fill_models()
+        elif update.error == "cancelled" and update.task == "finetune":
+            label.text = "Stopped; no new model was written."
         elif update.error == "cancelled":
             label.text = "Cancelled." if update.task == "segment" else \
                 "Stopped. The run's checkpoint is kept (train.py --resume continues it); no model was written."
         else:
-            what = "Segmentation" if update.task == "segment" else "Training"
+            what = {"segment": "Segmentation", "finetune": "Fine-tune"}.get(update.task, "Training")
             label.text = f"{what} failed: {update.error}"
             slicer.util.errorDisplay(f"{what} failed:\n\n{update.error}", detailedText="\n".join(
                 self.log_tail()))

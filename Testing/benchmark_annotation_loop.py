@@ -1,0 +1,288 @@
+"""Benchmark (a script, not a test): the annotation loop with a simulated annotator.
+
+The pool is a Decathlon set's training cases (its test split stays untouched); the loop starts
+with ``--start`` of them labeled. Each round, for every arm (strategy x method x start x seed):
+
+1. rank the arm's unlabeled pool with the previous round's bundle (``guidedseg suggest``'s
+   library call: ``disagreement`` or ``random``);
+2. "correct" the top ``--k``: the previous bundle's draft is compared with the reference (the
+   correction effort: voxels that differ, and the share of axial slices with a difference), and
+   the reference is ingested as the case's label through ``CaseStore.ingest_label``, the call the
+   panel's Export makes, with provenance ``simulated annotator (benchmark_annotation_loop)``;
+3. train: ``warm`` fine-tunes from the previous bundle (``train.py --init-from``) with the fixed
+   budget ``--round-iterations``; ``scratch`` trains a new model with ``--iterations``;
+4. score the new bundle on the test cases (Dice per case and organ).
+
+Rows go to ``--csv`` (default Testing/results/annotation-loop.csv), one per (dataset, strategy,
+method, start, round, labeled, seed, case, organ): test cases carry ``dice``; the cases corrected
+in the round carry ``effort_voxels`` (organ ``all``) and ``slices_touched`` (an extra column);
+``wall_s`` is the round's wall time (ranking + drafts + training). The file is rewritten
+atomically after every round, keeping the rows of other datasets. Finished rounds (a
+``done.json`` in their folder) are skipped, an interrupted training resumes, so the same command
+continues a stopped run. PNGs: mean test Dice against labeled cases, and effort against round.
+
+    # smoke run on coarse phantoms (minutes)
+    python Testing/benchmark_annotation_loop.py --work runs/loop-smoke --rounds 2 --k 1 \\
+        --iterations 20 --round-iterations 10 --csv runs/loop-smoke/annotation-loop.csv
+    # the real runs: see Testing/BENCHMARKS.md, "Issue 20"
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "Testing"))
+
+from benchmark_methods import derived_store, evaluate  # noqa: E402
+
+from GuidedSegLib.imageio import atomic_path, read_image  # noqa: E402
+from GuidedSegLib.store import CaseStore  # noqa: E402
+
+COLUMNS = ["dataset", "strategy", "method", "start", "round", "labeled", "seed", "case", "organ", "dice",
+           "effort_voxels", "wall_s", "slices_touched"]
+SOURCE = "simulated annotator (benchmark_annotation_loop)"
+
+
+def base_store(args) -> tuple[Path, str, str]:
+    """(store with ``--start`` labeled cases, dataset name, folder of the pool's references)."""
+    target = args.work / "base-store"
+    if args.dataset is None:
+        if not (target / "dataset.json").exists():
+            from GuidedSegLib.phantoms import write_phantom_store
+
+            partial = target.with_name(".partial-base-store")
+            shutil.rmtree(partial, ignore_errors=True)
+            write_phantom_store(partial, cases=args.pool + args.start, labeled=args.start, test=args.test, seed=21,
+                                size=(48, 48, 32), spacing=(8.0, 8.0, 10.0))
+            os.replace(partial, target)
+        return target, "phantoms", "phantomTruth"
+    source = CaseStore(args.dataset)
+    ordered = sorted(source.cases("labeled"), key=lambda c: hashlib.sha1(c.case_id.encode()).hexdigest())
+    spacing = tuple(float(v) for v in args.spacing.split(",")) if args.spacing else None
+    derived_store(args.dataset, target, 0.0, spacing, [c.case_id for c in ordered[:args.start]])
+    return target, args.dataset.resolve().name, "referencesUnlabeled"
+
+
+def train(args, store: Path, output: Path, method: str, seed: int, parent: Path | None, iterations: int) -> float:
+    """Train (or fine-tune from ``parent``) into ``output``; resumes a stopped run; the wall seconds."""
+    if (output / "bundle" / "model.json").exists():
+        return 0.0
+    command = [sys.executable, str(ROOT / "Training" / "train.py"), "--store", str(store), "--output", str(output),
+               "--method", method, "--seed", str(seed), "--progress", "none", f"optim.iterations={iterations}",
+               f"data.cache={args.work / 'cache'}",
+               # every labeled case trains in every round: otherwise, from the 10th labeled case on, the
+               # store's split would hold some out for validation and the rounds would not compare
+               "validation.fraction=0", *args.overrides]
+    if parent is not None:
+        command[2:2] = ["--init-from", str(parent)]
+        command.append(f"validation.every={max(1, iterations // 2)}")
+    if (output / "checkpoint.pt").exists():
+        command.append("--resume")
+    output.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+    with open(output.parent / f"{output.name}.log", "a") as log:
+        print(f"{time.strftime('%H:%M:%S')} {' '.join(command)}", flush=True)
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+    if code:
+        raise SystemExit(f"training failed (exit {code}); see {output.parent / f'{output.name}.log'}")
+    return time.monotonic() - began
+
+
+def effort(draft: np.ndarray, reference: np.ndarray) -> tuple[int, float]:
+    """Voxels the annotator changes (draft -> reference), and the share of axial slices touched."""
+    changed = draft != reference
+    return int(changed.sum()), float(changed.any(axis=(1, 2)).mean())
+
+
+def dice_rows(bundle: Path, store: CaseStore, common: dict) -> list[dict]:
+    scores = evaluate(bundle, store)
+    return [{**common, "case": case, "organ": store.labels[organ], "dice": f"{d:.6f}"}
+            for organ, values in sorted(scores.items()) for d, _, case in values]
+
+
+def run_arm(args, base: Path, dataset: str, truth: str, strategy: str, method: str, start: str, seed: int) -> None:
+    """Every round of one arm, skipping those with a done.json."""
+    from GuidedSegLib.inference import Predictor
+    from GuidedSegLib.suggest import suggest
+
+    arm = args.work / f"{strategy}-{method}-{start}-seed{seed}"
+    store_root = arm / "store"
+    if not (store_root / "dataset.json").exists():
+        shutil.copytree(base, arm / ".partial-store", dirs_exist_ok=True)
+        os.replace(arm / ".partial-store", store_root)
+    common = {"dataset": dataset, "strategy": strategy, "method": method, "start": start, "seed": seed}
+    # round 0: the model on the starting labeled cases, shared by every arm of this method and seed
+    first = args.work / f"round0-{method}-seed{seed}"
+    bundle = first / "run" / "bundle"
+    if not (first / "done.json").exists():
+        seconds = train(args, base, first / "run", method, seed, None, args.iterations)
+        rows = dice_rows(bundle, CaseStore(base), {**common, "round": 0, "labeled": args.start, "wall_s": f"{seconds:.1f}"})
+        _write_json(first / "done.json", {"rows": rows, "wall_s": seconds})
+    for r in range(1, args.rounds + 1):
+        folder = arm / f"round{r}"
+        previous = bundle
+        bundle = folder / "run" / "bundle"
+        if (folder / "done.json").exists():
+            continue
+        began = time.monotonic()
+        store = CaseStore(store_root)
+        selection_file = folder / "selection.json"
+        if selection_file.exists():  # ranked (and perhaps partly ingested) before an interruption
+            selection = json.loads(selection_file.read_text())
+        else:
+            if not store.cases("unlabeled"):
+                print(f"{arm.name}: the pool is used up after round {r - 1}", flush=True)
+                break
+            ranking = suggest(previous, store_root, strategy, seed=seed * 1000 + r)
+            chosen = [s.case_id for s in ranking.items[:args.k]]
+            predictor = Predictor(previous)
+            selection = []
+            for case_id in chosen:
+                image = read_image(store.case(case_id).image)
+                draft = sitk.GetArrayFromImage(predictor.segment(image))
+                reference = sitk.GetArrayFromImage(read_image(store.root / truth / f"{case_id}.nii.gz"))
+                voxels, slices = effort(draft, reference)
+                selection.append({"case": case_id, "effort_voxels": voxels, "slices_touched": slices})
+            _write_json(selection_file, selection)
+        for item in selection:
+            if store.case(item["case"]).kind == "unlabeled":
+                store.ingest_label(item["case"], store.root / truth / f"{item['case']}.nii.gz", source=SOURCE,
+                                   model=str(previous))
+        labeled = len(CaseStore(store_root).cases("labeled"))
+        if start == "warm":
+            train(args, store_root, folder / "run", method, seed, previous, args.round_iterations)
+        else:
+            train(args, store_root, folder / "run", method, seed, None, args.iterations)
+        wall = time.monotonic() - began
+        round_common = {**common, "round": r, "labeled": labeled, "wall_s": f"{wall:.1f}"}
+        rows = dice_rows(bundle, CaseStore(store_root), round_common)
+        rows += [{**round_common, "case": item["case"], "organ": "all", "effort_voxels": item["effort_voxels"],
+                  "slices_touched": f"{item['slices_touched']:.4f}"} for item in selection]
+        _write_json(folder / "done.json", {"rows": rows, "wall_s": wall})
+        print(f"{time.strftime('%H:%M:%S')} {arm.name} round {r}: {labeled} labeled, {wall:.0f} s", flush=True)
+        write_csv(args, dataset)
+
+
+def _write_json(path: Path, data) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
+
+
+def collected_rows(args) -> list[dict]:
+    rows = []
+    for done in sorted(args.work.glob("round0-*/done.json")) + sorted(args.work.glob("*-seed*/round*/done.json")):
+        arm = done.parent.parent.name if done.parent.name.startswith("round") and done.parent.parent != args.work \
+            else None
+        for row in json.loads(done.read_text())["rows"]:
+            if arm is None:  # round 0 belongs to every arm of its method and seed
+                for strategy in args.strategies.split(","):
+                    for start in args.starts.split(","):
+                        if row["method"] in args.methods.split(","):
+                            rows.append({**row, "strategy": strategy, "start": start})
+            else:
+                rows.append(row)
+    unique = {tuple(str(r.get(c, "")) for c in COLUMNS): r for r in rows}
+    return list(unique.values())
+
+
+def write_csv(args, dataset: str) -> None:
+    """This dataset's rows from every finished round, with the other datasets' rows kept."""
+    kept = []
+    if args.csv.exists():
+        with open(args.csv, newline="") as handle:
+            kept = [r for r in csv.DictReader(handle) if r["dataset"] != dataset]
+    rows = [r for r in collected_rows(args) if r["dataset"] == dataset]
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(args.csv) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(kept + rows)
+
+
+def plot(args, dataset: str) -> list[Path]:
+    """Mean test Dice against labeled cases, and mean effort against round, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in collected_rows(args) if r["dataset"] == dataset]
+    arms = sorted({(r["strategy"], r["method"], r["start"], r["seed"]) for r in rows})
+    out = []
+    for name, x_key, value, ylabel in (("dice", "labeled", "dice", "mean test Dice"),
+                                        ("effort", "round", "effort_voxels", "voxels corrected per case")):
+        figure, axis = plt.subplots(figsize=(5.5, 3.6))
+        for arm in arms:
+            points = {}
+            for r in rows:
+                if (r["strategy"], r["method"], r["start"], r["seed"]) == arm and str(r.get(value, "")) != "":
+                    points.setdefault(int(r[x_key]), []).append(float(r[value]))
+            if points:
+                xs = sorted(points)
+                axis.plot(xs, [np.mean(points[x]) for x in xs], "o-", label=" / ".join(map(str, arm)))
+        axis.set_xlabel("labeled cases" if x_key == "labeled" else "round")
+        axis.set_ylabel(ylabel)
+        axis.set_title(f"{dataset}: annotation loop")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=6)
+        figure.tight_layout()
+        path = args.plots / f"annotation-loop-{dataset}-{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        out.append(path)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="section.key=value settings for every training run")
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--dataset", type=Path, help="a Decathlon set (default: coarse phantoms)")
+    parser.add_argument("--spacing", help="x,y,z mm: resample the derived store onto this coarser grid")
+    parser.add_argument("--start", type=int, default=2, help="labeled cases at round 0 (default 2)")
+    parser.add_argument("--pool", type=int, default=8, help="phantoms only: unlabeled pool size (default 8)")
+    parser.add_argument("--test", type=int, default=3, help="phantoms only: test cases (default 3)")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--k", type=int, default=2, help="cases corrected per round (default 2)")
+    parser.add_argument("--iterations", type=int, default=1000, help="from-scratch budget (round 0 and 'scratch')")
+    parser.add_argument("--round-iterations", type=int, default=300, help="fine-tune budget of a 'warm' round")
+    parser.add_argument("--strategies", default="disagreement,random")
+    parser.add_argument("--methods", default="guidednet,supervised")
+    parser.add_argument("--starts", default="warm,scratch")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--csv", type=Path, default=ROOT / "Testing" / "results" / "annotation-loop.csv")
+    parser.add_argument("--plots", type=Path, help="folder of the PNGs (default: beside the CSV)")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.plots = args.plots or args.csv.parent
+    base, dataset, truth = base_store(args)
+    began = time.monotonic()
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for method in args.methods.split(","):
+            for strategy in args.strategies.split(","):
+                for start in args.starts.split(","):
+                    run_arm(args, base, dataset, truth, strategy, method, start, seed)
+    write_csv(args, dataset)
+    for path in plot(args, dataset):
+        print(f"plot: {path}")
+    print(f"rows: {args.csv}; {time.monotonic() - began:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
