@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .base import Batch, Method, MethodOptions, ramp
 from .cps import CrossPseudo
+from .dkuxnet import DualKMax
 from .guidednet import PAPER_OBJECTIVE, GuidedNet, GuidedNetPaper
 from .supervised import Supervised
 
@@ -21,6 +22,7 @@ REGISTRY: dict[str, type[Method]] = {
     "cps": CrossPseudo,
     "guidednet": GuidedNet,
     "guidednet-paper": GuidedNetPaper,
+    "dkuxnet": DualKMax,
 }
 METHODS = tuple(REGISTRY)
 
@@ -36,5 +38,5 @@ def build_method(name: str, network: dict, num_classes: int, options: MethodOpti
     return method_class(name)(network, num_classes, options, iterations)
 
 
-__all__ = ["METHODS", "PAPER_OBJECTIVE", "REGISTRY", "Batch", "CrossPseudo", "GuidedNet", "GuidedNetPaper", "Method",
+__all__ = ["METHODS", "PAPER_OBJECTIVE", "REGISTRY", "Batch", "CrossPseudo", "DualKMax", "GuidedNet", "GuidedNetPaper", "Method",
            "MethodOptions", "Supervised", "build_method", "method_class", "ramp"]
