@@ -318,3 +318,50 @@ def test_dkuxnet_bundle_segments_through_the_predictor_and_the_cli(dkuxnet_run, 
     out = tmp_path / "seg.nii.gz"
     assert main(["segment", "--model", str(bundle), "--input", str(case.image), "--output", str(out)]) == 0
     assert np.array_equal(sitk.GetArrayFromImage(read_image(out)), sitk.GetArrayFromImage(label))
+
+
+SMALL = ["--method", "dkuxnet", "--device", "cpu", "--progress", "json", "network.uxnet.widths=[4,8,8,8]",
+         "network.uxnet.depths=[1,1,1,1]", "network.uxnet.layers_per_scale=1",
+         "network.uxnet.queries=6", "network.uxnet.query_dim=8", "network.uxnet.heads=2", "data.patch=[32,32,32]",
+         "data.labeled_batch=2", "data.unlabeled_batch=2", "validation.fraction=0", "gradients_every=0"]
+
+
+def start(store: Path, output: Path, *settings: str, torchrun: int = 0) -> subprocess.Popen:
+    args = [str(ROOT / "Training" / "train.py"), "--store", str(store), "--output", str(output), *SMALL,
+            f"data.cache={output.parent / 'cache'}", *settings]
+    prefix = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else []
+    return subprocess.Popen([sys.executable, *prefix, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            encoding="utf-8", cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_dkuxnet_resumes_exactly_and_runs_under_torchrun(three_organ_store, tmp_path):
+    """The strong view's random draws come from the step's seed, so a resumed run takes the
+    steps an uninterrupted one takes; under DDP every parameter of both networks takes part."""
+    import signal
+    import time
+
+    from test_training import losses as total_losses
+    from test_training import resume_only
+
+    settings = ["optim.iterations=4", "checkpoint_every=2"]
+    reference = start(three_organ_store, tmp_path / "reference", *settings)
+    assert reference.wait(600) == 0, reference.communicate()[1][-2000:]
+    crashed = tmp_path / "crashed"
+    process = start(three_organ_store, crashed, *settings)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if (crashed / "log.csv").exists() and len(total_losses(crashed)) >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    code, out, err = resume_only(crashed)
+    assert code == 0, err[-2000:]
+    assert "resuming" in out
+    assert total_losses(crashed) == total_losses(tmp_path / "reference")
+
+    two = start(three_organ_store, tmp_path / "two", "optim.iterations=2", torchrun=2)
+    _, err = two.communicate(timeout=600)
+    assert two.returncode == 0, err[-3000:]
+    assert sorted(total_losses(tmp_path / "two")) == [1, 2]
+    assert json.loads((tmp_path / "two" / "bundle" / "model.json").read_text())["method"] == "dkuxnet"

@@ -25,14 +25,16 @@ class ConfigError(GuidedSegError, ValueError):
 
 @dataclass
 class UXNetConfig:
-    """Sizes of network.type uxnet-kmax (methods.md 2.1). These defaults are the CPU size that
-    Testing/BENCHMARKS.md (issue 21) measured; the paper's are in Training/configs/dkuxnet.yaml."""
+    """Sizes of network.type uxnet-kmax (methods.md 2.1). The defaults are the paper's structure at a
+    CPU size: widths / 6, 24 queries of dimension 32 (2.7 s per dkuxnet step of 2 + 2 crops of
+    48 x 48 x 32 at one thread, Testing/BENCHMARKS.md, issue 21); the paper's sizes are in
+    Training/configs/dkuxnet.yaml."""
 
-    depths: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
+    depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
     widths: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
     queries: int = 24
     query_dim: int = 32
-    layers_per_scale: int = 1
+    layers_per_scale: int = 2  # k-means cross-attention layers at each of 1/8, 1/4, 1/2
     heads: int = 4
     layer_scale: float = 1e-6
 
