@@ -190,3 +190,68 @@ def loss_rectify_agreed(logits: torch.Tensor, g: torch.Tensor, other: torch.Tens
     agreed = mask.bool() & (target == other) & present[target]
     nll = F.cross_entropy(logits.float(), target, reduction="none")
     return global_mean((nll * agreed).sum(), agreed.sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# The authors' code's form (kimjisoo12/GuidedNet, utils/tools.py), rewritten: no Gaussian, but an
+# unnormalised similarity to per-crop class prototypes, and halved per-class binary CEs over the
+# classes a crop holds. Selected by ``cgmm_form: authors`` (the ``guidednet-authors`` method).
+
+
+def class_prototypes(features: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                     num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-crop class means of the features over the masked voxels: prototypes ``(B, K, C)``
+    (zero where the crop lacks the class) and present ``(B, K)`` bool. Gradients reach the
+    features."""
+    f = features.float().flatten(2)  # (B, C, N)
+    one_hot = F.one_hot(labels.flatten(1), num_classes).float() * mask.flatten(1).unsqueeze(-1).float()  # (B, N, K)
+    counts = one_hot.sum(1)  # (B, K)
+    prototypes = (f @ one_hot).transpose(1, 2) / counts.clamp_min(1).unsqueeze(-1)  # (B, K, C)
+    return prototypes, counts > 0
+
+
+def pooled_prototypes(prototypes: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean over crops of each class's prototype, over the crops that hold the class:
+    ``(K, C)`` and present ``(K,)``."""
+    weight = present.float().unsqueeze(-1)  # (B, K, 1)
+    pooled = (prototypes * weight).sum(0) / weight.sum(0).clamp_min(1)
+    return pooled, present.any(0)
+
+
+def prototype_similarity(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """``(B, K, *spatial)`` in (0, 1]: exp(-(mean_c |f_c - mu_kc|)^2) for every class, against
+    ``prototypes`` ``(B, K, C)`` (a crop's own) or ``(K, C)`` (shared). Unnormalised over
+    classes, one class at a time so no (B, K, C, voxels) tensor is made."""
+    b, c = features.shape[:2]
+    f = features.float().flatten(2)  # (B, C, N)
+    mu = prototypes if prototypes.dim() == 3 else prototypes.unsqueeze(0).expand(b, -1, -1)
+    columns = [torch.exp(-(f - mu[:, k].unsqueeze(-1)).abs().mean(1).square()) for k in range(mu.shape[1])]
+    return torch.stack(columns, 1).reshape(b, mu.shape[1], *features.shape[2:])
+
+
+def halved_bce(prediction: torch.Tensor, target: torch.Tensor, classes: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """1/2 binary CE of ``prediction`` against ``target`` (both ``(B, K, *spatial)`` in [0, 1]),
+    averaged over ``classes`` (``(B, K)`` or ``(K,)`` bool) at each voxel, then over the voxels
+    where ``mask`` ``(B, *spatial)`` (all when None). Neither side is detached here."""
+    p = prediction.float().clamp(1e-6, 1 - 1e-6)
+    t = target.float()
+    bce = -(t * torch.log(p) + (1 - t) * torch.log1p(-p)) / 2  # (B, K, *spatial)
+    k = classes.float() if classes.dim() == 2 else classes.float().unsqueeze(0).expand(bce.shape[0], -1)
+    k = k.reshape(*k.shape, *([1] * (bce.dim() - 2)))
+    per_voxel = (bce * k).sum(1) / k.sum(1).clamp_min(1e-6)  # (B, *spatial)
+    if mask is None:
+        return global_mean(per_voxel.sum(), per_voxel.numel())
+    m = mask.to(per_voxel.dtype)
+    return global_mean((per_voxel * m).sum(), m.sum())
+
+
+def prototype_separation(pooled: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """The authors' L_max: mean over pairs of present classes of exp(-(mean_c |mu_i - mu_j|)^2)."""
+    mean = pooled[present]
+    k = mean.shape[0]
+    if k < 2:
+        return pooled.sum() * 0.0
+    distance = (mean.unsqueeze(0) - mean.unsqueeze(1)).abs().mean(-1).square()
+    upper = torch.triu_indices(k, k, offset=1, device=mean.device)
+    return torch.exp(-distance[upper[0], upper[1]]).mean()

@@ -9,6 +9,7 @@ the code under test a second time.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 import math
 
 import pytest
@@ -865,3 +866,66 @@ def test_rectification_target_is_no_worse_than_the_head_on_a_phantom(tiny_bundle
           f"on {taught.float().mean().item():.0%} of voxels")
     assert taught.float().mean() > 0.5  # the gate keeps most voxels: the term still teaches
     assert target_accuracy >= head_accuracy
+
+
+# ----------------------------------------------------------------------------------------------
+# The authors' code's form of the CGMM terms
+
+
+def test_authors_prototypes_and_similarity_match_naive_formulas():
+    torch.manual_seed(3)
+    features = torch.randn(2, 3, 2, 3, 2, dtype=torch.float64)
+    labels = torch.tensor([[[[0, 1], [1, 1], [0, 0]], [[0, 0], [1, 0], [0, 1]]],
+                           [[[0, 0], [0, 0], [0, 0]], [[0, 2], [0, 0], [0, 0]]]])
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    mask[0, 0, 0, 1] = False  # one class-1 voxel of crop 0 is not annotated
+    prototypes, present = cgmm.class_prototypes(features, labels, mask, 3)
+    for b in range(2):
+        for k in range(3):
+            voxels = [v for v in _voxels(labels[b]) if labels[b][v] == k and mask[b][v]]
+            assert bool(present[b, k]) == bool(voxels)
+            expected = [sum(float(features[b, c][v]) for v in voxels) / max(len(voxels), 1) for c in range(3)]
+            assert prototypes[b, k].tolist() == pytest.approx(expected, abs=1e-6)
+    similarity = cgmm.prototype_similarity(features, prototypes)
+    for b, k in [(0, 1), (1, 2)]:
+        for v in _voxels(labels[b]):
+            distance = sum(abs(float(features[b, c][v] - prototypes[b, k, c])) for c in range(3)) / 3
+            assert float(similarity[b, k][v]) == pytest.approx(math.exp(-distance ** 2), abs=1e-6)
+    pooled, anywhere = cgmm.pooled_prototypes(prototypes, present)
+    assert anywhere.tolist() == [True, True, True]
+    assert pooled[1].tolist() == pytest.approx(prototypes[0, 1].tolist())  # only crop 0 holds class 1
+    assert pooled[0].tolist() == pytest.approx(((prototypes[0, 0] + prototypes[1, 0]) / 2).tolist())
+
+
+def test_authors_halved_bce_averages_over_the_crops_classes_and_keeps_the_target_gradient():
+    prediction = torch.tensor([[[[0.9]], [[0.2]], [[0.5]]]], dtype=torch.float64)  # (1, 3, 1, 1)
+    target = torch.tensor([[[[1.0]], [[0.0]], [[0.3]]]], dtype=torch.float64, requires_grad=True)
+    classes = torch.tensor([[True, True, False]])
+    loss = cgmm.halved_bce(prediction, target, classes)
+    expected = (-math.log(0.9) - math.log(0.8)) / 2 / 2  # class 2 is not in the crop
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert target.grad[0, 0].abs().sum() > 0 and target.grad[0, 2].abs().sum() == 0
+
+
+def test_authors_prototype_separation_is_mean_over_present_pairs():
+    pooled = torch.tensor([[0.0, 0.0], [1.0, 3.0], [2.0, 2.0]])
+    present = torch.tensor([True, True, False])
+    assert float(cgmm.prototype_separation(pooled, present)) == pytest.approx(math.exp(-4.0))
+    assert float(cgmm.prototype_separation(pooled, torch.tensor([True, False, False]))) == 0.0
+
+
+def test_guidednet_authors_variant_teaches_through_an_undetached_similarity():
+    options = methods.MethodOptions.preset("guidednet-authors")
+    assert (options.detach_targets, options.lambda_g, options.mixture_momentum) == (False, 1.0, 0.0)
+    batch = make_batch("one_organ_and_background")
+    gradients = {}
+    for detach in (False, True):
+        torch.manual_seed(0)
+        method = methods.build_method("guidednet-authors", NET, K_M, replace(options, detach_targets=detach), 100)
+        out = method(batch, 60)
+        assert 0 < float(out["acc_g"]) <= 1 and float(out["gt"]) > 0
+        method.terms["self"].backward()
+        gradients[detach] = torch.cat([p.grad.flatten() for p in method.networks["A"].parameters() if p.grad is not None])
+    assert not torch.allclose(gradients[False], gradients[True]), \
+        "L_self's gradient is the same with the target detached: the authors' form must teach the features too"

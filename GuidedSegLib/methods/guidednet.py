@@ -18,6 +18,12 @@ from .cps import CrossPseudo
 PAPER_OBJECTIVE = {"mixture_momentum": 0.0, "tied_variance": False, "mixing": "uniform", "rectify_target": "soft",
                    "ramp_cgmm": False, "kt_form": "paper", "kt_floor": 0.1}
 
+# The authors' code (kimjisoo12/GuidedNet): prototype similarities in place of the Gaussian
+# posterior (:meth:`GuidedNetAuthors.cgmm_losses`), targets not detached, every CGMM term at
+# weight 1, KT-CPS weights from the labeled histogram in the paper's K * ratio / max form.
+AUTHORS_OBJECTIVE = {"mixture_momentum": 0.0, "detach_targets": False, "lambda_g": 1.0, "ramp_cgmm": False,
+                     "kt_form": "paper", "kt_floor": 0.1}
+
 
 class GuidedNet(CrossPseudo):
     """Two networks with KT-CPS and the 3D-CGMM, or any ablation between them and CPS.
@@ -111,3 +117,61 @@ class GuidedNetPaper(GuidedNet):
     """GuidedNet with the paper's literal objective (:data:`PAPER_OBJECTIVE`)."""
 
     preset = PAPER_OBJECTIVE
+
+
+class GuidedNetAuthors(GuidedNet):
+    """GuidedNet as the authors' code computes it (:data:`AUTHORS_OBJECTIVE`)."""
+
+    preset = AUTHORS_OBJECTIVE
+
+    def cgmm_losses(self, out: dict, batch: Batch, known: torch.Tensor, iteration: int,
+                            pseudo: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The CGMM terms in the authors' code's form (``cgmm_form: authors``): per-crop class
+        prototypes and the similarity exp(-(mean_c |f - mu_k|)^2) in place of the Gaussian
+        posterior; L_gt and L_self as halved per-class BCEs over the classes the crop holds;
+        L_rectify as the same BCE of P against the similarity to the prototypes pooled over the
+        labeled crops; L_cons on the labeled crops' softmaxed similarities; targets not detached
+        unless ``detach_targets``."""
+        o, n = self.options, batch.n_labeled
+        zero = out["A"][1].sum() * 0.0
+        parts = {k: zero for k in ("gt", "self", "max", "cons", "rectify")}
+        stride = out["A"][0].shape[-1] // out["A"][1].shape[-1]
+
+        def coarse(t: torch.Tensor) -> torch.Tensor:
+            return t[:, ::stride, ::stride, ::stride] if stride > 1 else t
+
+        labels, known_here = coarse(batch.labels), coarse(known)
+        rectify_mask = coarse(batch.pseudo_label_voxels(include_annotated=False))
+        one_hot = F.one_hot(labels, self.num_classes).movedim(-1, 1).float()
+        accuracy = {"acc_g": zero.detach(), "acc_head": zero.detach()}
+        similarities = {}
+        for name in ("A", "B"):
+            logits, features = out[name]
+            probabilities = torch.softmax(logits.float(), 1)
+            if stride > 1:
+                probabilities = F.avg_pool3d(probabilities, stride)
+            prototypes, held = cgmm.class_prototypes(features[:n], labels, known_here, self.num_classes)
+            pooled, anywhere = cgmm.pooled_prototypes(prototypes, held)
+            res = cgmm.prototype_similarity(features[:n], prototypes)  # (B_l, K, ...)
+            similarities[name] = res
+            target = res.detach() if o.detach_targets else res
+            with torch.no_grad():
+                counted = known_here.sum().clamp_min(1)
+                guess = res.masked_fill(~held.reshape(*held.shape, 1, 1, 1), -1.0).argmax(1)
+                accuracy["acc_g"] = accuracy["acc_g"] + ((guess == labels) & known_here).sum() / counted / 2
+                accuracy["acc_head"] = accuracy["acc_head"] + ((probabilities[:n].argmax(1) == labels) & known_here).sum() / counted / 2
+            if o.loss_gt:
+                parts["gt"] = parts["gt"] + cgmm.halved_bce(res, one_hot, held, known_here)
+            if o.loss_self:
+                parts["self"] = parts["self"] + cgmm.halved_bce(probabilities[:n], target, held, known_here)
+            if o.loss_max:
+                parts["max"] = parts["max"] + cgmm.prototype_separation(pooled, anywhere)
+            if o.loss_rectify:
+                teacher = cgmm.prototype_similarity(features, pooled)
+                teacher = teacher.detach() if o.detach_targets else teacher
+                parts["rectify"] = parts["rectify"] + cgmm.halved_bce(probabilities, teacher, anywhere, rectify_mask)
+        if o.loss_cons:
+            parts["cons"] = cgmm.loss_consistency(torch.softmax(similarities["A"], 1), torch.softmax(similarities["B"], 1))
+        lambda_c = ramp(iteration, self.iterations, o.ramp_up)
+        parts["cgmm"] = parts["gt"] + parts["self"] + parts["max"] + parts["rectify"] + lambda_c * parts["cons"]
+        return {**parts, **accuracy}
