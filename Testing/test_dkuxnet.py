@@ -200,7 +200,7 @@ def degenerate_batch(case: str, size: int = 12, classes: int = 4) -> methods.Bat
     return methods.Batch(torch.randn(2 + unlabeled, 1, size, size, size, generator=g), labels, annotated, absent)
 
 
-@pytest.mark.parametrize("name", ["dkuxnet", "guidednet", "supervised"])
+@pytest.mark.parametrize("name", ["dkuxnet", "guidednet", "guidednet-authors", "supervised"])
 @pytest.mark.parametrize("case", ["all_background", "single_class_everywhere", "one_organ", "partial",
                                   "only_background_annotated", "no_unlabeled"])
 def test_uxnet_kmax_losses_are_finite_on_degenerate_batches(name, case):
@@ -277,9 +277,10 @@ def dkuxnet_run(three_organ_store, tmp_path_factory):
     command = [sys.executable, str(ROOT / "Training" / "train.py"), "--store", str(three_organ_store),
                "--output", str(output), "--method", "dkuxnet", "--device", "cpu", "--progress", "json",
                f"data.cache={output.parent / 'cache'}", "network.uxnet.widths=[8,8,16,16]",
-               "network.uxnet.queries=12", "network.uxnet.query_dim=16", "network.uxnet.heads=2",
-               "data.labeled_batch=2", "data.unlabeled_batch=2", "data.patch=[32,48,48]", "optim.iterations=60",
-               "validation.every=1000", "validation.fraction=0", "checkpoint_every=1000", "gradients_every=30",
+               "network.uxnet.depths=[1,1,1,1]", "network.uxnet.layers_per_scale=1", "network.uxnet.queries=12", "network.uxnet.query_dim=16", "network.uxnet.heads=2",
+               "data.labeled_batch=2", "data.unlabeled_batch=2", "data.patch=[32,48,48]", "optim.iterations=40",
+               "data.augment=false", "validation.every=1000", "validation.fraction=0", "checkpoint_every=1000",
+               "gradients_every=20",
                "log_every=1"]
     done = subprocess.run(command, capture_output=True, encoding="utf-8", cwd=ROOT, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -290,10 +291,11 @@ def dkuxnet_run(three_organ_store, tmp_path_factory):
 def test_dkuxnet_trains_on_phantoms_and_lowers_its_loss(dkuxnet_run):
     with open(dkuxnet_run / "log.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 60 and {"seg", "qd", "segc", "qdc", "confident", "total"} <= set(rows[0])
+    assert len(rows) == 40 and {"seg", "qd", "segc", "qdc", "confident", "total"} <= set(rows[0])
     seg = [float(r["seg"]) for r in rows]
     early, late = np.mean(seg[:10]), np.mean(seg[-10:])
-    assert late < 0.8 * early, f"L_seg went from {early:.3f} to only {late:.3f}"
+    print(f"L_seg mean of steps 1-10: {early:.3f}, of steps 31-40: {late:.3f}")
+    assert late < 0.75 * early, f"L_seg went from {early:.3f} to only {late:.3f}"
     with open(dkuxnet_run / "gradients.csv", newline="") as handle:
         shares = list(csv.DictReader(handle))
     assert shares and {"share_seg", "share_qd", "share_segc", "share_qdc"} <= set(shares[0])

@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="setting overrides")
     parser.add_argument("--config", help="YAML settings file")
     parser.add_argument("--store", help="case store folder (default: synthetic phantoms)")
-    parser.add_argument("--method", help="supervised, cps, guidednet, guidednet-paper or dkuxnet")
+    parser.add_argument("--method", help="a registered method: supervised, cps, guidednet, guidednet-paper, "
+                                         "guidednet-authors or dkuxnet (GuidedSegLib/methods)")
     parser.add_argument("--output", help="run folder: checkpoints, logs, bundle")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--seed", type=int)
