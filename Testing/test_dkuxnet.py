@@ -342,3 +342,27 @@ def test_dkuxnet_resumes_exactly_and_runs_under_torchrun(three_organ_store, tmp_
     assert two.returncode == 0, err[-3000:]
     assert sorted(total_losses(tmp_path / "two")) == [1, 2]
     assert json.loads((tmp_path / "two" / "bundle" / "model.json").read_text())["method"] == "dkuxnet"
+
+
+def test_benchmark_rows_and_table_carry_hd95(three_organ_store, tmp_path):
+    """benchmark_methods' CSV has the issue's columns plus jaccard and hd95 (empty for an empty
+    prediction, and for scores cached before HD95 was recorded); its table has an HD95 column."""
+    sys.path.insert(0, str(ROOT / "Testing"))
+    import benchmark_methods as bench
+    from GuidedSegLib.store import CaseStore
+
+    store = CaseStore(three_organ_store)
+    training = {"seconds_per_iteration": 1.0, "peak_memory_mb": 100.0}
+    results = {("dkuxnet", 0): ({1: [(0.8, 0.667, "a", 3.25), (0.0, 0.0, "b", float("nan"))]}, training),
+               ("cps@uxnet-kmax", 0): ({1: [(0.5, 0.333, "a")]}, training)}
+    path = tmp_path / "rows.csv"
+    bench.write_rows(path, "la-mri", 3, results, store)
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["dataset", "labeled", "method", "seed", "case", "organ", "dice", "jaccard", "hd95"]
+    assert [(r["method"], r["case"], r["hd95"]) for r in rows] == [("dkuxnet", "a", "3.250"), ("dkuxnet", "b", ""),
+                                                                   ("cps@uxnet-kmax", "a", "")]
+    table = bench.report(results, store)
+    assert "dkuxnet HD95 mm" in table and "| 3.2 ± 0.0 |" in table
+    assert bench.parse_method("cps:plain@uxnet-kmax") == ("cps", True, "uxnet-kmax")
+    assert bench.run_folder(tmp_path, "dkuxnet@unet3d", 1) == tmp_path / "dkuxnet-unet3d-seed1"
