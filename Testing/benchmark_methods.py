@@ -27,7 +27,10 @@ references of its unlabeled cases in ``referencesUnlabeled/`` (training never re
 run scores up to 4 of them at every validation (``validation.monitor``) for the curves that
 ``--plot`` draws, since with few labeled cases every labeled case trains and none validates.
 ``--csv`` (re)writes this benchmark's per-case rows (``dataset,labeled,method,seed,case,organ,
-dice,jaccard``) into the file, keeping the rows of other data sets and label counts.
+dice,jaccard,hd95``; HD95 in mm, empty for an empty prediction) into the file, keeping the rows
+of other data sets and label counts. A method is a name of ``GuidedSegLib.methods.METHODS``,
+optionally with ``:plain`` and ``@network`` (a ``network.type``), so that one table can tell the
+network from the objective: ``--methods cps,guidednet,dkuxnet,guidednet@uxnet-kmax,dkuxnet@unet3d``.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from GuidedSegLib.imageio import read_image
 from GuidedSegLib.inference import Predictor
-from GuidedSegLib.metrics import dice, jaccard
+from GuidedSegLib.evaluation import score_organs
 from GuidedSegLib.store import CaseStore
 
 
@@ -140,31 +143,34 @@ def phantom_store(target: Path) -> Path:
     return target
 
 
-def evaluate(bundle: Path, store: CaseStore) -> dict[int, list[tuple[float, float, str]]]:
-    """organ value -> [(Dice, Jaccard, case id) per test case where it is annotated]."""
+def evaluate(bundle: Path, store: CaseStore) -> dict[int, list[tuple[float, float, str, float]]]:
+    """organ value -> [(Dice, Jaccard, case id, HD95 mm (NaN for an empty prediction)) per test
+    case where it is annotated]."""
     predictor = Predictor(bundle)
-    scores: dict[int, list[tuple[float, float, str]]] = {}
+    scores: dict[int, list[tuple[float, float, str, float]]] = {}
     for case in store.cases("test"):
-        prediction = sitk.GetArrayFromImage(predictor.segment(read_image(case.image)))
-        reference = sitk.GetArrayFromImage(read_image(case.label))
-        for value in store.annotated_labels(case):
-            p, r = prediction == value, reference == value
-            if r.any():
-                scores.setdefault(value, []).append((dice(p, r), jaccard(p, r), case.case_id))
+        image = read_image(case.image)
+        prediction = sitk.GetArrayFromImage(predictor.segment(image))
+        reference_image = read_image(case.label)
+        reference = sitk.GetArrayFromImage(reference_image)
+        organs = {v: store.labels[v] for v in store.annotated_labels(case) if (reference == v).any()}
+        for pair in score_organs(prediction, reference, reference_image.GetSpacing()[::-1], organs, case.case_id):
+            scores.setdefault(pair.value, []).append((pair.dice, pair.jaccard, case.case_id, pair.hd95_mm))
     return scores
 
 
 def write_rows(path: Path, dataset: str, labeled: int, results, store: CaseStore) -> None:
     """Replace this (dataset, labeled) block of ``path`` with the per-case rows of ``results``."""
-    columns = ["dataset", "labeled", "method", "seed", "case", "organ", "dice", "jaccard"]
+    columns = ["dataset", "labeled", "method", "seed", "case", "organ", "dice", "jaccard", "hd95"]
     kept = []
     if path.exists():
         with open(path, newline="") as handle:
             kept = [r for r in csv.DictReader(handle) if (r["dataset"], r["labeled"]) != (dataset, str(labeled))]
     rows = [{"dataset": dataset, "labeled": labeled, "method": method, "seed": seed, "case": case,
-             "organ": store.labels[organ], "dice": f"{d:.6f}", "jaccard": f"{j:.6f}"}
+             "organ": store.labels[organ], "dice": f"{d:.6f}", "jaccard": f"{j:.6f}",
+             "hd95": "" if not hd95 or np.isnan(hd95[0]) else f"{hd95[0]:.3f}"}
             for (method, seed), (scores, _) in results.items() for organ, values in sorted(scores.items())
-            for d, j, case in values]
+            for d, j, case, *hd95 in values]  # scores cached before HD95 was added have none
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as handle:
@@ -241,10 +247,14 @@ def main() -> int:
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
     from GuidedSegLib.methods import METHODS
 
+    from GuidedSegLib.networks import ARCHITECTURES
+
     for method in methods:
-        if method.split(":")[0] not in METHODS or method.count(":") > 1 or \
-                (":" in method and not method.endswith(":plain")):
-            parser.error(f"--methods: {method!r} is not one of {', '.join(METHODS)}, optionally with ':plain'")
+        name, plain, network = parse_method(method)
+        if name not in METHODS or (network is not None and network not in ARCHITECTURES) or \
+                method.count(":") > 1 or (":" in method and not plain):
+            parser.error(f"--methods: {method!r} is not one of {', '.join(METHODS)}, optionally with ':plain' and "
+                         f"'@network' ({', '.join(ARCHITECTURES)})")
     # Seed by seed, so that whatever finishes first is a set of complete comparisons.
     runs = [(m, s) for s in seeds for m in methods]
     pending = [] if args.no_train else [
@@ -256,10 +266,11 @@ def main() -> int:
             method, seed = pending.pop(0)
             out = run_folder(args.work, method, seed)
             out.mkdir(parents=True, exist_ok=True)
-            plain = ["data.partial_labels=false"] if method.endswith(":plain") else []
+            name, plain, network = parse_method(method)
+            extra = (["data.partial_labels=false"] if plain else []) + ([f"network.type={network}"] if network else [])
             command = [sys.executable, str(ROOT / "Training" / "train.py"), "--store", str(root), "--output",
-                       str(out), "--method", method.split(":")[0], "--seed", str(seed), "--progress", "none",
-                       f"data.cache={args.work / 'cache'}", f"validation.monitor={truth}", *args.overrides, *plain]
+                       str(out), "--method", name, "--seed", str(seed), "--progress", "none",
+                       f"data.cache={args.work / 'cache'}", f"validation.monitor={truth}", *args.overrides, *extra]
             if (out / "checkpoint.pt").exists():
                 command.append("--resume")
             log = open(out / "train.log", "a")
@@ -306,9 +317,17 @@ def main() -> int:
     return 1 if failed else 0
 
 
+def parse_method(spec: str) -> tuple[str, bool, str | None]:
+    """``guidednet:plain@uxnet-kmax`` -> (method, partial labels off, network.type or None)."""
+    spec, _, network = spec.partition("@")
+    name, _, suffix = spec.partition(":")
+    return name, suffix == "plain", network or None
+
+
 def run_folder(work: Path, method: str, seed: int) -> Path:
-    """``supervised-seed0``; ``supervised:plain`` (partial labels off) -> ``supervised-plain-seed0``."""
-    return work / f"{method.replace(':', '-')}-seed{seed}"
+    """``supervised-seed0``; ``supervised:plain`` (partial labels off) -> ``supervised-plain-seed0``;
+    ``guidednet@uxnet-kmax`` -> ``guidednet-uxnet-kmax-seed0``."""
+    return work / f"{method.replace(':', '-').replace('@', '-')}-seed{seed}"
 
 
 def report(results, store: CaseStore) -> str:
@@ -318,8 +337,9 @@ def report(results, store: CaseStore) -> str:
     organs = sorted({v for scores, _ in results.values() for v in scores})
     one_seed = all(sum(1 for k in results if k[0] == m) == 1 for m in methods)
     spread = "SD over test cases" if one_seed else "SD over seeds"
-    lines = [f"| organ (n test cases; {spread}) | " + " | ".join(f"{m} Dice | {m} Jaccard" for m in methods) + " |",
-             "|---|" + "---|---|" * len(methods)]
+    lines = [f"| organ (n test cases; {spread}) | " + " | ".join(f"{m} Dice | {m} Jaccard | {m} HD95 mm"
+                                                                  for m in methods) + " |",
+             "|---|" + "---|---|---|" * len(methods)]
     means = {m: [] for m in methods}
     for organ in organs:
         cells = []
@@ -329,7 +349,9 @@ def report(results, store: CaseStore) -> str:
             values = ([v[:2] for v in results[keys[0]][0][organ]] if one_seed else
                       [np.mean([v[:2] for v in results[k][0][organ]], axis=0) for k in keys])
             d, j = np.array(values).T * 100
-            cells.append(f"{d.mean():.1f} ± {d.std():.1f} | {j.mean():.1f} ± {j.std():.1f}")
+            hd = hd95_values(results, keys, organ, one_seed)
+            hd_cell = f"{np.mean(hd):.1f} ± {np.std(hd):.1f}" if len(hd) else "-"
+            cells.append(f"{d.mean():.1f} ± {d.std():.1f} | {j.mean():.1f} ± {j.std():.1f} | {hd_cell}")
         lines.append(f"| {store.labels[organ]} ({n}) | " + " | ".join(cells) + " |")
     for m in methods:
         seeds = [key for key in results if key[0] == m]
@@ -337,12 +359,14 @@ def report(results, store: CaseStore) -> str:
                     for k in seeds]
         means[m] = np.array(per_seed)
     if one_seed:  # an SD over one seed would read as a spread of zero
-        lines.append("| **mean of organs** | " + " | ".join(f"**{means[m][0, 0]:.1f}** | **{means[m][0, 1]:.1f}**"
+        lines.append("| **mean of organs** | " + " | ".join(f"**{means[m][0, 0]:.1f}** | **{means[m][0, 1]:.1f}** | "
                                                          for m in methods) + " |")
     else:
         lines.append("| **mean** | " + " | ".join(f"**{means[m][:, 0].mean():.1f} ± {means[m][:, 0].std():.1f}** | "
-                                                f"**{means[m][:, 1].mean():.1f} ± {means[m][:, 1].std():.1f}**"
+                                                f"**{means[m][:, 1].mean():.1f} ± {means[m][:, 1].std():.1f}** | "
                                                 for m in methods) + " |")
+    lines.append("")
+    lines.append("HD95: over the (case, organ) pairs with a non-empty prediction.")
     lines.append("")
     lines.append("| method | seconds / step | peak memory (MB) | seeds |")
     lines.append("|---|---|---|---|")
@@ -351,6 +375,15 @@ def report(results, store: CaseStore) -> str:
         lines.append(f"| {m} | {np.mean([x['seconds_per_iteration'] for x in t]):.3f} | "
                      f"{max(x['peak_memory_mb'] for x in t):.0f} | {len(t)} |")
     return "\n".join(lines)
+
+
+def hd95_values(results, keys, organ: int, one_seed: bool) -> list[float]:
+    """HD95 (mm) of ``organ``: per test case (one seed) or each seed's mean over its cases; NaNs
+    (empty predictions) and scores cached before HD95 was recorded are left out."""
+    per_key = [[v[3] for v in results[k][0][organ] if len(v) > 3 and not np.isnan(v[3])] for k in keys]
+    if one_seed:
+        return per_key[0]
+    return [float(np.mean(v)) for v in per_key if v]
 
 
 if __name__ == "__main__":

@@ -24,6 +24,22 @@ class ConfigError(GuidedSegError, ValueError):
 
 
 @dataclass
+class UXNetConfig:
+    """Sizes of network.type uxnet-kmax (methods.md 2.1). The defaults are the paper's structure at a
+    CPU size: widths / 6, 24 queries of dimension 32 (2.7 s per dkuxnet step of 2 + 2 crops of
+    48 x 48 x 32 at one thread, Testing/BENCHMARKS.md, issue 21); the paper's sizes are in
+    Training/configs/dkuxnet.yaml."""
+
+    depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    widths: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
+    queries: int = 24
+    query_dim: int = 32
+    layers_per_scale: int = 2  # k-means cross-attention layers at each of 1/8, 1/4, 1/2
+    heads: int = 4
+    layer_scale: float = 1e-6
+
+
+@dataclass
 class NetworkConfig:
     # "auto": the method's own network (Method.default_network), else a name in
     # NETWORK_SETTINGS (GuidedSegLib.networks.ARCHITECTURES); each reads its settings below.
@@ -35,6 +51,7 @@ class NetworkConfig:
     widths: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
     dropout: float = 0.0  # the paper's 0.3 is in Training/configs/guidednet-paper.yaml; 0 learned faster here
     feature_layer: int = 4  # decoder block whose features the CGMM models (4 = last, full resolution)
+    uxnet: UXNetConfig = field(default_factory=UXNetConfig)  # uxnet-kmax
 
 
 @dataclass
@@ -69,6 +86,7 @@ class OptimConfig:
 # Each architecture's constructor arguments from the network section.
 NETWORK_SETTINGS = {
     "unet3d": lambda n: {"widths": list(n.widths), "dropout": n.dropout, "feature_layer": n.feature_layer},
+    "uxnet-kmax": lambda n: dataclasses.asdict(n.uxnet),
 }
 
 SMALL_STORE = 10  # labeled cases below which "auto" keeps every case in training
@@ -300,6 +318,14 @@ def check(config: TrainConfig) -> None:
     if levels < 1 or not 1 <= config.network.feature_layer <= levels:
         raise ConfigError(f"network.feature_layer {config.network.feature_layer} must be in 1..{levels} "
                           f"for widths {config.network.widths}")
+    u = config.network.uxnet
+    if len(u.depths) != 4 or len(u.widths) != 4 or min(u.depths + u.widths) < 1:
+        raise ConfigError(f"network.uxnet.depths {u.depths} and widths {u.widths} must be four positive numbers each")
+    if u.query_dim % u.heads or u.queries < 3:
+        raise ConfigError(f"network.uxnet: query_dim {u.query_dim} must be divisible by heads {u.heads}, and "
+                          f"queries {u.queries} at least 3 (one per cluster-assignment group)")
+    if not 0 <= config.objective.confidence < 1:
+        raise ConfigError(f"objective.confidence {config.objective.confidence} must be in [0, 1)")
     for name in ("patch", "stride"):
         value = getattr(config.inference, name)
         if value is not None and not (len(value) == 3 and all(v > 0 for v in value)):

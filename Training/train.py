@@ -1,7 +1,10 @@
-"""Train GuidedNet (or the supervised / CPS baselines) on a case store and write a model bundle.
+"""Train GuidedNet, DK-UXNet (or the supervised / CPS baselines) on a case store and write a model bundle.
 
     python Training/train.py                                  # small GuidedNet on fresh phantoms
     python Training/train.py --store STORE --method cps --output runs/cps optim.iterations=2000
+    python Training/train.py --store STORE --method dkuxnet   # UX-Net + kMaX, dual contrastive
+    python Training/train.py --store STORE --method guidednet network.type=uxnet-kmax  # the network x objective cross
+    python Training/train.py --store STORE --method dkuxnet network.type=unet3d        # (either way round)
     python Training/train.py --config Training/configs/guidednet-paper.yaml --store STORE
     python Training/train.py --output runs/cps --resume       # continue after a crash or Ctrl-C (settings as saved)
     python Training/train.py --init-from runs/cps/bundle --store STORE   # fine-tune: a new bundle from this one
@@ -28,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="setting overrides")
     parser.add_argument("--config", help="YAML settings file")
     parser.add_argument("--store", help="case store folder (default: synthetic phantoms)")
-    parser.add_argument("--method", help="supervised, cps or guidednet")
+    parser.add_argument("--method", help="a registered method: supervised, cps, guidednet, guidednet-paper, "
+                                         "guidednet-authors or dkuxnet (GuidedSegLib/methods)")
     parser.add_argument("--output", help="run folder: checkpoints, logs, bundle")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--seed", type=int)

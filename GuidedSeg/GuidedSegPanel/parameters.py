@@ -8,7 +8,7 @@ not the scene, and lives in Slicer's application settings (see the widget).
 from __future__ import annotations
 
 MODULE_NAME = "GuidedSeg"
-METHODS = ("guidednet", "cps", "supervised")
+METHODS = ("guidednet", "cps", "supervised", "dkuxnet")
 
 
 def parameter_node(scene):

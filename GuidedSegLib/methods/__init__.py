@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .base import Batch, Method, MethodOptions, ramp
 from .cps import CrossPseudo
+from .dkuxnet import DualKMax
 from .guidednet import AUTHORS_OBJECTIVE, PAPER_OBJECTIVE, GuidedNet, GuidedNetAuthors, GuidedNetPaper
 from .supervised import Supervised
 
@@ -22,6 +23,7 @@ REGISTRY: dict[str, type[Method]] = {
     "guidednet": GuidedNet,
     "guidednet-paper": GuidedNetPaper,
     "guidednet-authors": GuidedNetAuthors,
+    "dkuxnet": DualKMax,
 }
 METHODS = tuple(REGISTRY)
 
@@ -37,5 +39,6 @@ def build_method(name: str, network: dict, num_classes: int, options: MethodOpti
     return method_class(name)(network, num_classes, options, iterations)
 
 
-__all__ = ["AUTHORS_OBJECTIVE", "METHODS", "PAPER_OBJECTIVE", "REGISTRY", "Batch", "CrossPseudo", "GuidedNet", "GuidedNetAuthors", "GuidedNetPaper", "Method",
+__all__ = ["AUTHORS_OBJECTIVE", "METHODS", "PAPER_OBJECTIVE", "REGISTRY", "Batch", "CrossPseudo", "DualKMax", "GuidedNet",
+           "GuidedNetAuthors", "GuidedNetPaper", "Method",
            "MethodOptions", "Supervised", "build_method", "method_class", "ramp"]

@@ -1,4 +1,5 @@
-"""Segmentation networks. Each returns ``(logits, features)`` so the methods can read features.
+"""Segmentation networks. Each returns ``(logits, features)`` so the methods can read features;
+one with a cluster assignment (UX-Net + kMaX) also has ``forward_with_assignment``.
 
 :func:`build_network` makes one from the plain dict a model bundle stores.
 """
@@ -6,8 +7,9 @@
 from __future__ import annotations
 
 from .unet import UNet3D, initialise
+from .uxnet_kmax import UXNetKMaX
 
-ARCHITECTURES = {"unet3d": UNet3D}
+ARCHITECTURES = {"unet3d": UNet3D, "uxnet-kmax": UXNetKMaX}
 
 
 def build_network(spec: dict):
@@ -19,4 +21,4 @@ def build_network(spec: dict):
     return ARCHITECTURES[name](**spec)
 
 
-__all__ = ["ARCHITECTURES", "UNet3D", "build_network", "initialise"]
+__all__ = ["ARCHITECTURES", "UNet3D", "UXNetKMaX", "build_network", "initialise"]
