@@ -224,6 +224,8 @@ class qMRMLNodeComboBox(PythonQtStyle, QtWidgets.QComboBox):
         return False
 
     def _refresh(self):
+        if "_scene" not in self.__dict__:  # the widget is gone; the scene still sends its events
+            return
         scene = self._scene
         self._refreshing = True
         try:

@@ -903,7 +903,7 @@ def test_authors_halved_bce_averages_over_the_crops_classes_and_keeps_the_target
     classes = torch.tensor([[True, True, False]])
     loss = cgmm.halved_bce(prediction, target, classes)
     expected = (-math.log(0.9) - math.log(0.8)) / 2 / 2  # class 2 is not in the crop
-    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
     assert target.grad[0, 0].abs().sum() > 0 and target.grad[0, 2].abs().sum() == 0
 
@@ -924,7 +924,7 @@ def test_guidednet_authors_variant_teaches_through_an_undetached_similarity():
         torch.manual_seed(0)
         method = methods.build_method("guidednet-authors", NET, K_M, replace(options, detach_targets=detach), 100)
         out = method(batch, 60)
-        assert 0 < float(out["acc_g"]) <= 1 and float(out["gt"]) > 0
+        assert 0 < out["acc_g"].item() <= 1 and out["gt"].item() > 0
         method.terms["self"].backward()
         gradients[detach] = torch.cat([p.grad.flatten() for p in method.networks["A"].parameters() if p.grad is not None])
     assert not torch.allclose(gradients[False], gradients[True]), \
