@@ -160,12 +160,16 @@ def loss_self(probabilities: torch.Tensor, target: torch.Tensor, mask: torch.Ten
 def loss_max(params: CGMMParameters) -> torch.Tensor:
     """L_max: mean over pairs of present classes of exp(-||mu_k - mu_v||^2 / C) (Eq. 10)."""
     mean = params.mean[params.present]
-    k = mean.shape[0]
-    if k < 2:
+    if mean.shape[0] < 2:
         return params.mean.sum() * 0.0
-    distance = torch.cdist(mean, mean).square() / mean.shape[1]
-    upper = torch.triu_indices(k, k, offset=1, device=mean.device)
-    return torch.exp(-distance[upper[0], upper[1]]).mean()
+    return _mean_over_pairs(torch.exp(-torch.cdist(mean, mean).square() / mean.shape[1]))
+
+
+def _mean_over_pairs(similarity: torch.Tensor) -> torch.Tensor:
+    """The mean of a symmetric ``(k, k)`` matrix over its k (k - 1) / 2 distinct pairs."""
+    k = similarity.shape[0]
+    upper = torch.triu_indices(k, k, offset=1, device=similarity.device)
+    return similarity[upper[0], upper[1]].mean()
 
 
 def loss_consistency(g_a: torch.Tensor, g_b: torch.Tensor) -> torch.Tensor:
@@ -249,9 +253,6 @@ def halved_bce(prediction: torch.Tensor, target: torch.Tensor, classes: torch.Te
 def prototype_separation(pooled: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """The authors' L_max: mean over pairs of present classes of exp(-(mean_c |mu_i - mu_j|)^2)."""
     mean = pooled[present]
-    k = mean.shape[0]
-    if k < 2:
+    if mean.shape[0] < 2:
         return pooled.sum() * 0.0
-    distance = (mean.unsqueeze(0) - mean.unsqueeze(1)).abs().mean(-1).square()
-    upper = torch.triu_indices(k, k, offset=1, device=mean.device)
-    return torch.exp(-distance[upper[0], upper[1]]).mean()
+    return _mean_over_pairs(torch.exp(-(mean.unsqueeze(0) - mean.unsqueeze(1)).abs().mean(-1).square()))
