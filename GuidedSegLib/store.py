@@ -349,7 +349,7 @@ class CaseStore:
                 path = self._abs(record["label"])
                 if not path.exists():
                     problems.append(f"{path}: label version {record['version']} of {case.case_id} is missing")
-                elif record.get("sha256") and _sha256(path) != record["sha256"]:
+                elif record.get("sha256") and file_sha256(path) != record["sha256"]:
                     problems.append(f"{path}: label version {record['version']} of {case.case_id} was modified")
         return problems
 
@@ -524,7 +524,7 @@ class CaseStore:
 def _version_record(version, relative, path, source, model, annotated, absent) -> dict:
     return {"version": version, "label": relative, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source": source or "", "model": model, "annotated": list(annotated), "absent": list(absent),
-            "sha256": _sha256(path)}
+            "sha256": file_sha256(path)}
 
 
 def _split_hash(seed: int, case_id: str) -> float:
@@ -532,7 +532,7 @@ def _split_hash(seed: int, case_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

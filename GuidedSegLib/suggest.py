@@ -44,7 +44,7 @@ import numpy as np
 from .errors import GuidedSegError, StoreError
 from .imageio import atomic_path
 from .store import CaseStore
-from .store import _sha256 as file_sha256
+from .store import file_sha256
 
 RANKING_FILE = "suggestions.json"
 CACHE_FOLDER = Path(".guidedseg-cache") / "suggest"
