@@ -30,8 +30,11 @@ class BundleError(GuidedSegError, ValueError):
         super().__init__(f"{os.fspath(bundle)}: {problem}")
 
 
-def write_bundle(folder: str | os.PathLike, networks: dict, metadata: dict) -> Path:
-    """Write ``networks`` (name -> nn.Module) and ``metadata`` as a new bundle folder."""
+def write_bundle(folder: str | os.PathLike, networks: dict, metadata: dict, extra: dict | None = None) -> Path:
+    """Write ``networks`` (name -> nn.Module) and ``metadata`` as a new bundle folder.
+
+    ``extra``: more tensors a method keeps beside its networks (name -> tensor, e.g. GuidedNet's
+    mixture statistics, ``cgmm.A.mean``); their names go into model.json's ``extra_tensors``."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -39,7 +42,11 @@ def write_bundle(folder: str | os.PathLike, networks: dict, metadata: dict) -> P
         raise BundleError(folder, "already exists; a bundle is never overwritten")
     tensors = {f"{name}.{key}": value.detach().cpu().contiguous()
                for name, network in networks.items() for key, value in network.state_dict().items()}
-    metadata = {**metadata, "format": BUNDLE_FORMAT, "networks": sorted(networks)}
+    clash = sorted(set(extra or {}) & set(tensors))
+    if clash:
+        raise BundleError(folder, f"extra tensors {', '.join(clash)} would overwrite network weights")
+    tensors.update({key: value.detach().cpu().contiguous() for key, value in (extra or {}).items()})
+    metadata = {**metadata, "format": BUNDLE_FORMAT, "networks": sorted(networks), "extra_tensors": sorted(extra or {})}
     tmp = folder.with_name(f".tmp-{secrets.token_hex(4)}-{folder.name}")
     tmp.mkdir(parents=True)
     try:
@@ -131,6 +138,23 @@ def load_networks(folder: str | os.PathLike, device="cpu", names=None) -> tuple[
                                       f"({str(error).splitlines()[0]})") from None
         networks[name] = network.to(device).eval()
     return metadata, networks
+
+
+def load_extra_tensors(folder: str | os.PathLike, prefix: str = "", device="cpu") -> dict:
+    """The bundle's extra tensors (see :func:`write_bundle`) whose names start with ``prefix``,
+    without loading the network weights; an empty dict for a bundle that has none."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    names = [n for n in read_metadata(folder).get("extra_tensors", []) if n.startswith(prefix)]
+    if not names:
+        return {}
+    path = folder / WEIGHTS_FILE
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as weights:
+            return {name: weights.get_tensor(name) for name in names}
+    except Exception as error:  # safetensors raises several types for a file that is not its format
+        raise BundleError(path, f"cannot read extra tensors {', '.join(names)}: {_first_line(error)}") from None
 
 
 def weights_summary(folder: str | os.PathLike) -> dict:

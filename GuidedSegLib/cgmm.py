@@ -116,6 +116,51 @@ class MixtureMemory(nn.Module):
         return CGMMParameters(mean, var, log_mixing, present, params.counts)
 
 
+    def current(self, mixing: str = "frequency") -> CGMMParameters:
+        """The remembered mixture as it stands (what a bundle keeps for inference-time posteriors)."""
+        k = self.mean.shape[0]
+        if mixing == "frequency":
+            log_mixing = torch.log((self.share / self.share.sum().clamp_min(1e-12)).clamp_min(1e-8))
+        else:
+            log_mixing = torch.full((k,), -math.log(k), device=self.mean.device)
+        return CGMMParameters(self.mean.clone(), self.var.clone(), log_mixing, self.seen.clone())
+
+
+    def take(self, params: CGMMParameters) -> None:
+        """Start from ``params`` (a parent bundle's mixture, as :meth:`current` gave it)."""
+        with torch.no_grad():
+            self.mean.copy_(params.mean)
+            self.var.copy_(params.var)
+            self.seen.copy_(params.present)
+            share = params.log_mixing.exp() * params.present
+            self.share.copy_(share / share.sum().clamp_min(1e-12))
+
+
+MIXTURE_PREFIX = "cgmm"
+
+
+def mixture_tensors(mixtures: dict[str, CGMMParameters]) -> dict[str, torch.Tensor]:
+    """Bundle tensors ``cgmm.<network>.<field>`` for each network's mixture."""
+    return {f"{MIXTURE_PREFIX}.{name}.{key}": getattr(params, key).detach().cpu()
+            for name, params in mixtures.items() for key in ("mean", "var", "log_mixing", "present")}
+
+
+def read_mixtures(bundle, device="cpu") -> dict[str, CGMMParameters]:
+    """Each network's mixture kept in a bundle (network name -> parameters); empty when the
+    bundle has none (a method without a CGMM, or GuidedNet without the mixture memory)."""
+    from .bundle import load_extra_tensors
+
+    return read_mixture_tensors(load_extra_tensors(bundle, f"{MIXTURE_PREFIX}.", device))
+
+
+def read_mixture_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, CGMMParameters]:
+    """The mixtures among a bundle's extra tensors (see :func:`mixture_tensors`)."""
+    tensors = {k: v for k, v in tensors.items() if k.startswith(f"{MIXTURE_PREFIX}.")}
+    names = sorted({key.split(".")[1] for key in tensors})
+    return {name: CGMMParameters(*(tensors[f"{MIXTURE_PREFIX}.{name}.{key}"] for key in ("mean", "var", "log_mixing")),
+                                 present=tensors[f"{MIXTURE_PREFIX}.{name}.present"].bool()) for name in names}
+
+
 def log_posterior(features: torch.Tensor, params: CGMMParameters) -> torch.Tensor:
     """log G ``(B, K, *spatial)``: Bayes posterior of the diagonal Gaussians (Eq. 5-7).
 

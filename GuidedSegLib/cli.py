@@ -107,14 +107,15 @@ def _parser() -> argparse.ArgumentParser:
         "suggest", help="rank a store's unlabeled cases: which to correct next",
         description="Run a model bundle over the store's unlabeled images and rank them, most informative first: "
                     "networks A and B's disagreement per organ (1 - soft Dice of their probability maps), or the "
-                    "mean predictive entropy over each organ's region, or a seeded random order. A case's score is the mean over organs of "
+                    "mean predictive entropy over each organ's region, or (cgmm; bundles of the default guidednet) each "
+                    "network's CGMM posterior against its own prediction, or a seeded random order. A case's score is the mean over organs of "
                     "per-organ scores in [0, 1], so a small organ counts as much as the liver. Scores are cached "
                     "per bundle and image (a second run with the same bundle runs no network). The ranking goes "
                     "to suggestions.json beside dataset.json; skipped cases stay in it, at the bottom.")
     suggest.add_argument("--store", type=Path, required=True, help="case store folder")
     suggest.add_argument("--model", type=Path, help="model bundle folder (not needed for --strategy random or --skip)")
     suggest.add_argument("-n", type=int, default=10, help="rows of the table to print (default 10; 0: all)")
-    suggest.add_argument("--strategy", choices=("disagreement", "entropy", "random"), default="disagreement")
+    suggest.add_argument("--strategy", choices=("disagreement", "entropy", "cgmm", "random"), default="disagreement")
     suggest.add_argument("--seed", type=int, default=0, help="seed of --strategy random (default 0)")
     suggest.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     suggest.add_argument("--skip", metavar="CASE", help="move CASE to the bottom of the saved ranking instead")

@@ -27,6 +27,7 @@ from .errors import GuidedSegError
 from .preprocessing import PreprocessingPlan, preprocess, restore_probabilities
 
 Progress = Callable[[str, float], None]  # (stage, fraction of that stage done)
+Head = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (network index, logits, features) -> maps
 STAGES = ("preprocess", "infer", "restore", "cleanup")
 
 
@@ -101,12 +102,15 @@ class Predictor:
 
     @torch.inference_mode()
     def probabilities(self, volume: np.ndarray, progress: Callable[[float], None] | None = None,
-                      should_stop: Callable[[], bool] | None = None, separate: bool = False) -> np.ndarray:
+                      should_stop: Callable[[], bool] | None = None, separate: bool = False,
+                      head: Head | None = None, maps: int = 1) -> np.ndarray:
         """Class probabilities ``(K, z, y, x)`` float16 for a preprocessed ``(z, y, x)`` volume.
 
         Windows cover only :func:`body_box`; outside it the background has probability 1.
         ``separate``: each network's own probabilities, stacked, ``(N * K, z, y, x)`` (network A's
-        K channels first), from the same windows.
+        K channels first), from the same windows. ``head(i, logits, features)``: what network i's
+        window gives instead of its softmax, ``maps`` class-probability maps of K channels each
+        (``(B, maps * K, *patch)``); the result is then ``(N * maps * K, z, y, x)``.
         """
         from monai.inferers import sliding_window_inference
 
@@ -124,7 +128,11 @@ class Predictor:
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last_3d)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-                each = [torch.softmax(net(batch)[0].float(), 1) for net in self.networks]
+                outputs = [net(batch) for net in self.networks]
+                if head is None:
+                    each = [torch.softmax(out[0].float(), 1) for out in outputs]
+                else:
+                    each = [head(i, out[0], out[1]).float() for i, out in enumerate(outputs)]
                 mean = torch.cat(each, 1) if separate else sum(each) / len(each)
             done += batch.shape[0]
             if progress is not None:
@@ -135,7 +143,7 @@ class Predictor:
         stitched = sliding_window_inference(inputs, self.patch, self.window_batch, predict, overlap=self.overlap,
                                             mode="gaussian", cval=background, sw_device=self.device,
                                             device=self.device)
-        classes, copies = len(self.class_values), len(self.networks) if separate else 1
+        classes, copies = len(self.class_values), (len(self.networks) if separate else 1) * (maps if head else 1)
         out = np.zeros((classes * copies, *volume.shape), dtype=np.float16)
         out[::classes] = 1.0
         out[(slice(None), *box)] = stitched[0].cpu().numpy()

@@ -13,8 +13,11 @@ Scores, per organ, on the bundle's preprocessed grid (no restore to the scan's g
   model is of the organ it finds. An organ found nowhere scores 0 (disagreement sees those).
 - ``random``: a permutation drawn from ``seed`` (no inference; the baseline).
 
-GuidedNet's CGMM posterior is not available here: the bundle keeps the networks, not the
-mixture statistics the posterior needs, so it is not scored.
+- ``cgmm``: where the bundle keeps GuidedNet's mixture (the default ``guidednet`` does: the
+  moving averages of its class statistics), 1 - the soft Dice between each network's CGMM
+  posterior G of the organ and its own probability map, averaged over the networks: how far the
+  labeled data's feature statistics and the head disagree on the scan. A bundle without a mixture
+  falls back to ``disagreement`` (or ``entropy``), and says so.
 
 How organs combine: each organ's score lies in [0, 1] whatever the organ's size (a ratio or a
 mean over the organ's own region, never a voxel count), and a case's score is the plain mean
@@ -48,8 +51,9 @@ from .store import file_sha256
 
 RANKING_FILE = "suggestions.json"
 CACHE_FOLDER = Path(".guidedseg-cache") / "suggest"
-STRATEGIES = ("disagreement", "entropy", "random")
-CACHE_VERSION = 1
+STRATEGIES = ("disagreement", "entropy", "cgmm", "random")
+SCORED = ("disagreement", "entropy", "cgmm")
+CACHE_VERSION = 2
 REGION_THRESHOLD = 0.5
 COMBINE = "mean over organs of per-organ scores in [0, 1] (each organ weighs the same, whatever its size)"
 
@@ -88,9 +92,7 @@ def organ_scores(probabilities: np.ndarray, classes: int) -> dict[str, dict[int,
     disagreement, entropy = {}, {}
     for k in range(1, classes):
         if nets >= 2:
-            a, b = per_net[0][k].astype(np.float32), per_net[1][k].astype(np.float32)
-            total = float(np.square(a).sum() + np.square(b).sum())
-            disagreement[k] = 0.0 if total == 0 else max(0.0, 1.0 - 2.0 * float((a * b).sum()) / total)
+            disagreement[k] = soft_disagreement(per_net[0][k], per_net[1][k])
         p = sum(q[k].astype(np.float32) for q in per_net) / nets
         region = p >= REGION_THRESHOLD
         if region.any():
@@ -99,6 +101,21 @@ def organ_scores(probabilities: np.ndarray, classes: int) -> dict[str, dict[int,
         else:
             entropy[k] = 0.0
     return {"disagreement": disagreement, "entropy": entropy}
+
+
+def soft_disagreement(a: np.ndarray, b: np.ndarray) -> float:
+    """1 - 2 sum(a b) / (sum(a^2) + sum(b^2)) of two probability maps (0 when both are empty)."""
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    total = float(np.square(a).sum() + np.square(b).sum())
+    return 0.0 if total == 0 else max(0.0, 1.0 - 2.0 * float((a * b).sum()) / total)
+
+
+def posterior_scores(probabilities: np.ndarray, posteriors: np.ndarray, classes: int) -> dict[int, float]:
+    """The ``cgmm`` score of every organ class 1..K-1: each network's probability map against its
+    own CGMM posterior, both ``(N * K, z, y, x)``, averaged over the N networks."""
+    nets = probabilities.shape[0] // classes
+    return {k: float(np.mean([soft_disagreement(probabilities[i * classes + k], posteriors[i * classes + k])
+                              for i in range(nets)])) for k in range(1, classes)}
 
 
 def combine(scores: dict[int, float], organs: list[int] | None = None) -> float:
@@ -120,6 +137,17 @@ class CaseScorer:
         self.cache = store.root / CACHE_FOLDER / self.hash[:16]
         self.predictor = None
         self.inferred = 0
+        self._mixtures = None
+
+    @property
+    def mixtures(self) -> dict:
+        """Network name -> the CGMM mixture the bundle keeps (empty: no ``cgmm`` score)."""
+        if self._mixtures is None:
+            from .cgmm import read_mixtures
+
+            kept = read_mixtures(self.bundle)
+            self._mixtures = {name: params for name, params in kept.items() if bool(params.present.any())}
+        return self._mixtures
 
     @property
     def classes(self) -> list[int]:
@@ -150,7 +178,7 @@ class CaseScorer:
             cached = False
         else:
             cached = True
-        return {name: {int(v): float(s) for v, s in record[name].items()} for name in ("disagreement", "entropy")}, cached
+        return {name: {int(v): float(s) for v, s in record[name].items()} for name in SCORED if name in record}, cached
 
     def infer(self, image_path: Path) -> dict[str, dict[int, float]]:
         """Run the networks once over the image (fast pass) and score it; counted in ``inferred``."""
@@ -165,9 +193,42 @@ class CaseScorer:
             self.predictor.stride = self.predictor.patch  # windows side by side: the coarse, fast pass
         prepared = preprocess(read_image(image_path), self.predictor.plan)
         volume = sitk.GetArrayFromImage(prepared.image)
-        probabilities = self.predictor.probabilities(volume, separate=True)
+        k = len(self.classes)
+        names = self.metadata["networks"]
+        mixtures = [self.mixtures.get(name) for name in names]
+        if not all(mixtures):
+            probabilities = self.predictor.probabilities(volume, separate=True)
+            self.inferred += 1
+            return organ_scores(probabilities, k)
+        stacked = self.predictor.probabilities(volume, separate=True, head=posterior_head(mixtures), maps=2)
         self.inferred += 1
-        return organ_scores(probabilities, len(self.classes))
+        pairs = stacked.reshape(len(names), 2, k, *stacked.shape[1:])  # (N, [P, G], K, z, y, x)
+        probabilities = pairs[:, 0].reshape(-1, *stacked.shape[1:])
+        posteriors = pairs[:, 1].reshape(-1, *stacked.shape[1:])
+        return {**organ_scores(probabilities, k), "cgmm": posterior_scores(probabilities, posteriors, k)}
+
+
+def posterior_head(mixtures: list):
+    """A :class:`Predictor` head giving network i's softmax and its CGMM posterior under
+    ``mixtures[i]``, the posterior brought onto the logits' grid where the features are coarser."""
+    import torch
+    from torch.nn import functional as F
+
+    from .cgmm import log_posterior
+
+    def head(i: int, logits, features):
+        probabilities = torch.softmax(logits.float(), 1)
+        params = mixtures[i]
+        if params.mean.device != features.device:
+            params = type(params)(*(t.to(features.device) for t in (params.mean, params.var, params.log_mixing,
+                                                                     params.present)))
+            mixtures[i] = params
+        g = log_posterior(features.float(), params).exp()
+        if g.shape[2:] != probabilities.shape[2:]:
+            g = F.interpolate(g, size=probabilities.shape[2:], mode="trilinear", align_corners=False)
+        return torch.cat([probabilities, g], 1)
+
+    return head
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,6 +332,12 @@ def suggest(bundle, store_root, strategy: str = "disagreement", seed: int = 0, d
     else:
         scorer = scorer or CaseScorer(bundle, store, device)
         labels = {int(v): n for v, n in scorer.metadata["labels"].items()}
+        if strategy == "cgmm" and not scorer.mixtures:
+            fallback = "disagreement" if len(scorer.metadata.get("networks", [])) >= 2 else "entropy"
+            note = (f"{bundle}: a {scorer.metadata.get('method')} bundle keeps no CGMM mixture to compute the "
+                    f"posterior from (only the default guidednet keeps one); ranked by {fallback} instead")
+            report.message(f"note: {note}")
+            strategy = fallback
         if strategy == "disagreement" and len(scorer.metadata.get("networks", [])) < 2:
             note = (f"{bundle}: a one-network ({scorer.metadata.get('method')}) bundle has no second network to "
                     "disagree with; ranked by entropy instead")

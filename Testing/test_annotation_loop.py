@@ -198,6 +198,56 @@ def test_disagreement_needs_two_networks_and_says_so_otherwise(tiny_bundle, fine
     assert any(s > 0 for item in two.items for s in item.organs.values())  # B was perturbed: A and B differ
 
 
+def test_a_guidednet_bundle_keeps_its_mixture_and_ranks_by_the_cgmm_posterior(tiny_bundle, finetuned, three_organ_store,
+                                                                              pool, tmp_path):
+    import torch
+
+    from GuidedSegLib import suggest
+    from GuidedSegLib.cgmm import log_posterior, read_mixtures
+    from GuidedSegLib.inference import Predictor
+    from GuidedSegLib.preprocessing import preprocess
+
+    output = tmp_path / "gn"
+    done = train("--store", three_organ_store, "--output", output, "--method", "guidednet", "network.widths=[4,8,16,32]",
+                 "network.feature_layer=3", "data.patch=[32,48,48]", "optim.iterations=20", "validation.fraction=0",
+                 f"data.cache={tmp_path / 'cache'}")
+    assert done.returncode == 0, done.stderr
+    bundle = output / "bundle"
+    mixtures = read_mixtures(bundle)
+    assert sorted(mixtures) == ["A", "B"] and all(bool(m.present.all()) for m in mixtures.values())
+    # the kept mixture gives a posterior over the classes at every voxel of a scan
+    predictor = Predictor(bundle, "cpu")
+    prepared = preprocess(three_organ_phantom(705)[0], predictor.plan)
+    volume = torch.from_numpy(sitk.GetArrayFromImage(prepared.image))[None, None, :32, :48, :48]
+    with torch.no_grad():
+        _, features = predictor.networks[0](volume.float())
+    g = log_posterior(features, mixtures["A"]).exp()
+    assert g.shape[1] == 4 and torch.allclose(g.sum(1), torch.ones(()), atol=1e-4)
+
+    ranking = suggest.suggest(bundle, pool, "cgmm")
+    assert ranking.strategy == "cgmm" and ranking.note == "" and ranking.inferred == 2
+    assert all(0.0 <= s <= 1.0 for item in ranking.items for s in item.organs.values())
+    assert any(s > 0 for item in ranking.items for s in item.organs.values())
+    cached = json.loads(next((pool / suggest.CACHE_FOLDER).rglob("b_hard.json")).read_text())
+    assert set(cached) >= {"disagreement", "entropy", "cgmm"}
+    # a warm start from it keeps the mixture: the child's first steps (and its bundle, were its
+    # best weights the parent's) have the parent's class statistics
+    child = train("--init-from", bundle, "--store", three_organ_store, "--output", tmp_path / "gn-ft",
+                  "optim.iterations=2", "validation.fraction=0", f"data.cache={tmp_path / 'cache'}")
+    assert child.returncode == 0, child.stderr
+    assert "networks A, B keep the parent's CGMM mixture statistics" in child.stderr
+    assert sorted(read_mixtures(tmp_path / "gn-ft" / "bundle")) == ["A", "B"]
+    # bundles without a mixture fall back, and say so: supervised, and a fine-tune whose best
+    # weights are its parent's (a supervised parent: no mixture yet)
+    assert suggest.suggest(tiny_bundle, pool, "cgmm").strategy == "entropy"
+    fallback = suggest.suggest(finetuned[0] / "bundle", pool, "cgmm")
+    if any(bool(m.present.any()) for m in read_mixtures(finetuned[0] / "bundle").values()):
+        assert fallback.strategy == "cgmm"
+    else:
+        assert fallback.strategy == "disagreement" and "keeps no CGMM mixture" in fallback.note
+
+
+
 def test_random_with_a_seed_is_reproducible_and_skip_drops_a_case_down_not_out(pool):
     from GuidedSegLib import suggest
 

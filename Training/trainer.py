@@ -526,9 +526,12 @@ def _load_parent_weights(method, folder, report: Reporter, seed: int) -> None:
     (B, when a one-network bundle starts a two-network method) from its A, which is said, with
     noise of 5% of each weight tensor's SD added: two identical networks get identical gradients
     from the symmetric CPS objective and would never become two."""
-    from GuidedSegLib.bundle import load_networks
+    from GuidedSegLib.bundle import load_extra_tensors, load_networks
 
     _, networks = load_networks(folder, "cpu")
+    taken = method.load_bundle_tensors(load_extra_tensors(folder))
+    if taken:
+        report.message(f"warm start: networks {', '.join(taken)} keep the parent's CGMM mixture statistics")
     for name, network in method.networks.items():
         source = name if name in networks else "A"
         try:
@@ -794,7 +797,7 @@ def _write_bundle(config, method, store, plan, patch, class_values, best, labele
         folder = output / f"bundle-{n}"
         n += 1
     networks = {name: method.networks[name] for name in names}
-    return write_bundle(folder, networks, metadata)
+    return write_bundle(folder, networks, metadata, method.bundle_tensors())
 
 
 class MetricLog:

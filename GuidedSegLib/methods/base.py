@@ -128,6 +128,14 @@ class Method(nn.Module):
         self.network_spec = {**network, "out_channels": num_classes}
         self.networks = nn.ModuleDict()
 
+    def bundle_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors besides the networks' weights that the method's bundle keeps (none here)."""
+        return {}
+
+    def load_bundle_tensors(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """Take up a parent bundle's extra tensors on a warm start; the names taken (none here)."""
+        return []
+
     def _network(self, init: str) -> nn.Module:
         return initialise(build_network(self.network_spec), init)
 

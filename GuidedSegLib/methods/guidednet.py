@@ -40,6 +40,28 @@ class GuidedNet(CrossPseudo):
             self.memory = nn.ModuleDict({name: cgmm.MixtureMemory(num_classes, channels, options.mixture_momentum)
                                          for name in ("A", "B")})
 
+    def bundle_tensors(self) -> dict[str, torch.Tensor]:
+        """Each network's remembered mixture, so that inference can compute the CGMM posterior
+        (``guidedseg suggest --strategy cgmm``); none without the mixture memory."""
+        if not hasattr(self, "memory"):
+            return {}
+        return cgmm.mixture_tensors({name: memory.current(self.options.mixing) for name, memory in self.memory.items()})
+
+    def load_bundle_tensors(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """A warm start keeps the parent's mixtures (network B takes A's where the parent has one
+        network's only), so the fine-tune's first steps, and a bundle whose best weights are the
+        parent's, have the class statistics the parent learned."""
+        kept = {name: params for name, params in cgmm.read_mixture_tensors(tensors).items() if bool(params.present.any())}
+        if not hasattr(self, "memory") or not kept:
+            return []
+        taken = []
+        for name, memory in self.memory.items():
+            source = kept.get(name) or kept.get("A")
+            if source is not None and source.mean.shape == memory.mean.shape:
+                memory.take(source)
+                taken.append(name)
+        return taken
+
     def extra_losses(self, out: dict, batch: Batch, known: torch.Tensor, iteration: int,
                      pseudo: dict[str, torch.Tensor], ramp_u: float) -> tuple[dict, dict]:
         o = self.options
