@@ -111,13 +111,15 @@ def label_mismatch(bundle_labels: dict, not_trained: dict, store_labels: dict) -
     return f"the bundle's labels {show(mine)} differ from the store's {show(theirs)}"
 
 
-def next_version_folder(parent: str | os.PathLike) -> Path:
-    """A new run folder for a model fine-tuned from ``parent``: beside the parent's run folder,
-    named ``<base>-ft<N>`` with the first N not taken (never an existing folder)."""
+def next_version_folder(parent: str | os.PathLike, folder: str | os.PathLike | None = None) -> Path:
+    """A new run folder for a model fine-tuned from ``parent``: in ``folder`` (default: beside the
+    parent's run folder), named ``<base>-ft<N>`` with the first N not taken (never an existing
+    folder). The CLI and the panel both name versions this way."""
     parent = Path(parent).resolve()
     run = parent.parent if parent.name == "bundle" or re.fullmatch(r"bundle-\d+", parent.name) else parent
-    base = re.sub(r"-ft\d+$", "", run.name)
+    where = Path(folder) if folder is not None else run.parent
+    base = re.sub(r"-ft\d+$", "", re.sub(r"[^A-Za-z0-9._-]+", "_", run.name)).strip("._-") or "model"
     number = 1
-    while (run.parent / f"{base}-ft{number}").exists():
+    while (where / f"{base}-ft{number}").exists():
         number += 1
-    return run.parent / f"{base}-ft{number}"
+    return where / f"{base}-ft{number}"

@@ -114,6 +114,7 @@ def test_the_loop_ranks_loads_skips_exports_fine_tunes_switches_back_and_reopens
     new = logic.selected_model()
     assert new.path != parent.path and new.parent == str(parent.path) and parent.path.is_dir()
     assert new.name.endswith("-v2") and new.name != parent.name  # versions tell apart in the model list
+    assert new.path.parent.name.endswith("-ft1")  # the run folder is named as train.py --init-from names it
     assert ui.comparisonLabel.text.startswith(f"New model {new.name}: validation mean Dice {new.mean_dice:.3f} "
                                               f"(parent {parent.name}: {parent.mean_dice:.3f})"), ui.comparisonLabel.text
     assert ui.modelComboBox.count == 2  # both versions are listed

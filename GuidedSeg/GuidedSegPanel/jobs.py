@@ -202,14 +202,10 @@ class FineTuneJob(TrainJob):
 
     def __init__(self, store_root, models_folder, parent: ModelInfo, device: str | None = None, *, python: str,
                  script=None, runner=ChildProcess, settings: tuple[str, ...] = ()):
+        from GuidedSegLib.lineage import next_version_folder
+
         self.parent = parent
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = re.sub(r"[^A-Za-z0-9._-]+", "_", parent.name).strip("._-") or "model"
-        self.output = Path(models_folder) / f"{base}-ft-{stamp}"
-        number = 2
-        while self.output.exists():
-            self.output = Path(models_folder) / f"{base}-ft-{stamp}-{number}"
-            number += 1
+        self.output = next_version_folder(parent.path, models_folder)  # <run>-ft<N>, as train.py names it
         Job.__init__(self, commands.finetune_command(python, parent.path, store_root, self.output, device, script,
                                                      settings), runner)
 
