@@ -1,6 +1,7 @@
 """Diagnostic (a script, not a test): per-class voxel recall of a GuidedNet run's head and of its
 CGMM posterior G on the store's labeled cases, with the mixing weights the run trained with and
-with uniform ones. A class whose G recall is near 0 while the head of a supervised run learns it
+with uniform ones (background recall counts only what the labels call background: on partially
+annotated cases that includes unannotated organs). A class whose G recall is near 0 while the head of a supervised run learns it
 is one the CGMM terms teach the head to miss; the overall voxel accuracy in log.csv (acc_g,
 acc_head) is dominated by background and hides it.
 
@@ -42,6 +43,8 @@ def main() -> int:
     plan = PreprocessingPlan.from_dict(metadata["preprocessing"])
     names = list(metadata["labels"].values())
     k = len(names)
+    lookup = np.full(max(int(v) for v in metadata["labels"]) + 2, -1, np.int64)
+    lookup[[int(v) for v in metadata["labels"]]] = np.arange(k)
     heads = {"head": None}
     if "memory.A.share" in state:
         share = state["memory.A.share"]
@@ -59,7 +62,8 @@ def main() -> int:
                               sitk.sitkNearestNeighbor)
         volume = torch.from_numpy(sitk.GetArrayFromImage(prepared.image))[None, None].float()
         crop = tuple(slice(0, d - d % 16) for d in volume.shape[2:])
-        labels = torch.from_numpy(sitk.GetArrayFromImage(label).astype(np.int64))[crop]
+        values = sitk.GetArrayFromImage(label).astype(np.int64)[crop]
+        labels = torch.from_numpy(lookup[np.clip(values, 0, len(lookup) - 1)])  # label value -> class index, -1: not trained
         with torch.no_grad():
             logits, features = networks["A"](volume[(..., *crop)])
         for name, params in heads.items():
