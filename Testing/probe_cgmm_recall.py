@@ -1,6 +1,6 @@
 """Diagnostic (a script, not a test): per-class voxel recall of a GuidedNet run's head and of its
-CGMM posterior G on the store's labeled cases, with the mixing weights the run trained with and
-with uniform ones (background recall counts only what the labels call background: on partially
+CGMM posterior G on the store's labeled cases, with frequency and with uniform mixing
+weights (background recall counts only what the labels call background: on partially
 annotated cases that includes unannotated organs). A class whose G recall is near 0 while the head of a supervised run learns it
 is one the CGMM terms teach the head to miss; the overall voxel accuracy in log.csv (acc_g,
 acc_head) is dominated by background and hides it.
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -49,10 +50,11 @@ def main() -> int:
     if "memory.A.share" in state:
         share = state["memory.A.share"]
         mean, var, seen = state["memory.A.mean"], state["memory.A.var"], state["memory.A.seen"]
-        heads["G (trained mixing)"] = CGMMParameters(mean, var, torch.log((share / share.sum()).clamp_min(1e-8)), seen)
+        heads["G (frequency mixing)"] = CGMMParameters(mean, var, torch.log((share / share.sum()).clamp_min(1e-8)), seen)
         heads["G (uniform mixing)"] = CGMMParameters(mean, var, torch.full((k,), -math.log(k)), seen)
-        print("mixing weights (per mille):", " ".join(f"{n}={1000 * float(s) / float(share.sum()):.1f}"
-                                                     for n, s in zip(names, share)))
+        trained = (yaml.safe_load((args.run / "config.yaml").read_text()).get("objective") or {}).get("mixing")
+        weights = " ".join(f"{n}={1000 * float(w) / float(share.sum()):.1f}" for n, w in zip(names, share))
+        print(f"the run trained with {trained} mixing; frequency mixing weights (per mille): {weights}")
     counts = {name: np.zeros((k, 2)) for name in heads}
     dataset = json.loads((args.store / "dataset.json").read_text())
     cases = [c for c in dataset["training"] if c.get("label")][:args.cases]
