@@ -158,14 +158,15 @@ def load_extra_tensors(folder: str | os.PathLike, prefix: str = "", device="cpu"
 
 
 def weights_summary(folder: str | os.PathLike) -> dict:
-    """Tensor count, parameter count, dtypes and size of a bundle's weights, read from the
-    safetensors header alone (no tensor is loaded)."""
+    """Tensor count, parameter count, dtypes and size of a bundle's network weights (not its
+    ``extra_tensors``), read from the safetensors header alone (no tensor is loaded)."""
     from safetensors import safe_open
 
     path = Path(folder) / WEIGHTS_FILE
+    extra = set(read_metadata(folder).get("extra_tensors", []))
     try:
         with safe_open(str(path), framework="numpy") as weights:
-            slices = [weights.get_slice(key) for key in weights.keys()]
+            slices = [weights.get_slice(key) for key in weights.keys() if key not in extra]
             shapes, dtypes = [s.get_shape() for s in slices], {s.get_dtype() for s in slices}
     except Exception as error:  # safetensors raises several types for a file that is not its format
         raise BundleError(path, f"cannot be read as safetensors weights (tensors only): {_first_line(error)}") from None

@@ -109,22 +109,15 @@ class MixtureMemory(nn.Module):
                 self.var.copy_(var.detach())
                 self.share.copy_(share)
                 self.seen.copy_(present)
-        if mixing == "frequency":
-            log_mixing = torch.log((share / share.sum().clamp_min(1e-12)).clamp_min(1e-8))
-        else:
-            log_mixing = params.log_mixing
+        log_mixing = frequency_log_mixing(share) if mixing == "frequency" else params.log_mixing
         return CGMMParameters(mean, var, log_mixing, present, params.counts)
-
 
     def current(self, mixing: str = "frequency") -> CGMMParameters:
         """The remembered mixture as it stands (what a bundle keeps for inference-time posteriors)."""
         k = self.mean.shape[0]
-        if mixing == "frequency":
-            log_mixing = torch.log((self.share / self.share.sum().clamp_min(1e-12)).clamp_min(1e-8))
-        else:
-            log_mixing = torch.full((k,), -math.log(k), device=self.mean.device)
+        log_mixing = frequency_log_mixing(self.share) if mixing == "frequency" else \
+            torch.full((k,), -math.log(k), device=self.mean.device)
         return CGMMParameters(self.mean.clone(), self.var.clone(), log_mixing, self.seen.clone())
-
 
     def take(self, params: CGMMParameters) -> None:
         """Start from ``params`` (a parent bundle's mixture, as :meth:`current` gave it)."""
@@ -134,6 +127,11 @@ class MixtureMemory(nn.Module):
             self.seen.copy_(params.present)
             share = params.log_mixing.exp() * params.present
             self.share.copy_(share / share.sum().clamp_min(1e-12))
+
+
+def frequency_log_mixing(share: torch.Tensor) -> torch.Tensor:
+    """log mixing coefficients ``(K,)`` from class shares ``(K,)`` (normalised here; floored at 1e-8)."""
+    return torch.log((share / share.sum().clamp_min(1e-12)).clamp_min(1e-8))
 
 
 MIXTURE_PREFIX = "cgmm"
@@ -147,18 +145,21 @@ def mixture_tensors(mixtures: dict[str, CGMMParameters]) -> dict[str, torch.Tens
 
 def read_mixtures(bundle, device="cpu") -> dict[str, CGMMParameters]:
     """Each network's mixture kept in a bundle (network name -> parameters); empty when the
-    bundle has none (a method without a CGMM, or GuidedNet without the mixture memory)."""
+    bundle has none (a method without a CGMM, GuidedNet without the mixture memory, or one whose
+    memory never saw a labeled voxel)."""
     from .bundle import load_extra_tensors
 
     return read_mixture_tensors(load_extra_tensors(bundle, f"{MIXTURE_PREFIX}.", device))
 
 
 def read_mixture_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, CGMMParameters]:
-    """The mixtures among a bundle's extra tensors (see :func:`mixture_tensors`)."""
+    """The mixtures among a bundle's extra tensors (see :func:`mixture_tensors`), leaving out any
+    with no class present (a memory that never saw a labeled voxel)."""
     tensors = {k: v for k, v in tensors.items() if k.startswith(f"{MIXTURE_PREFIX}.")}
     names = sorted({key.split(".")[1] for key in tensors})
-    return {name: CGMMParameters(*(tensors[f"{MIXTURE_PREFIX}.{name}.{key}"] for key in ("mean", "var", "log_mixing")),
-                                 present=tensors[f"{MIXTURE_PREFIX}.{name}.present"].bool()) for name in names}
+    mixtures = {name: CGMMParameters(*(tensors[f"{MIXTURE_PREFIX}.{name}.{key}"] for key in ("mean", "var", "log_mixing")),
+                                     present=tensors[f"{MIXTURE_PREFIX}.{name}.present"].bool()) for name in names}
+    return {name: params for name, params in mixtures.items() if bool(params.present.any())}
 
 
 def log_posterior(features: torch.Tensor, params: CGMMParameters) -> torch.Tensor:

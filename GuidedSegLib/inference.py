@@ -103,14 +103,14 @@ class Predictor:
     @torch.inference_mode()
     def probabilities(self, volume: np.ndarray, progress: Callable[[float], None] | None = None,
                       should_stop: Callable[[], bool] | None = None, separate: bool = False,
-                      head: Head | None = None, maps: int = 1) -> np.ndarray:
+                      head: Head | None = None) -> np.ndarray:
         """Class probabilities ``(K, z, y, x)`` float16 for a preprocessed ``(z, y, x)`` volume.
 
         Windows cover only :func:`body_box`; outside it the background has probability 1.
         ``separate``: each network's own probabilities, stacked, ``(N * K, z, y, x)`` (network A's
         K channels first), from the same windows. ``head(i, logits, features)``: what network i's
-        window gives instead of its softmax, ``maps`` class-probability maps of K channels each
-        (``(B, maps * K, *patch)``); the result is then ``(N * maps * K, z, y, x)``.
+        window gives instead of its softmax: M class-probability maps of K channels each
+        (``(B, M * K, *patch)``); the result is then ``(N * M * K, z, y, x)``.
         """
         from monai.inferers import sliding_window_inference
 
@@ -143,9 +143,9 @@ class Predictor:
         stitched = sliding_window_inference(inputs, self.patch, self.window_batch, predict, overlap=self.overlap,
                                             mode="gaussian", cval=background, sw_device=self.device,
                                             device=self.device)
-        classes, copies = len(self.class_values), (len(self.networks) if separate else 1) * (maps if head else 1)
-        out = np.zeros((classes * copies, *volume.shape), dtype=np.float16)
-        out[::classes] = 1.0
+        classes = len(self.class_values)
+        out = np.zeros((stitched.shape[1], *volume.shape), dtype=np.float16)
+        out[::classes] = 1.0  # outside the box: background 1 in every K-channel map
         out[(slice(None), *box)] = stitched[0].cpu().numpy()
         return out
 

@@ -145,8 +145,7 @@ class CaseScorer:
         if self._mixtures is None:
             from .cgmm import read_mixtures
 
-            kept = read_mixtures(self.bundle)
-            self._mixtures = {name: params for name, params in kept.items() if bool(params.present.any())}
+            self._mixtures = read_mixtures(self.bundle)
         return self._mixtures
 
     @property
@@ -195,12 +194,12 @@ class CaseScorer:
         volume = sitk.GetArrayFromImage(prepared.image)
         k = len(self.classes)
         names = self.metadata["networks"]
-        mixtures = [self.mixtures.get(name) for name in names]
-        if not all(mixtures):
+        if not all(name in self.mixtures for name in names):
             probabilities = self.predictor.probabilities(volume, separate=True)
             self.inferred += 1
             return organ_scores(probabilities, k)
-        stacked = self.predictor.probabilities(volume, separate=True, head=posterior_head(mixtures), maps=2)
+        head = posterior_head([self.mixtures[name] for name in names], self.predictor.device)
+        stacked = self.predictor.probabilities(volume, separate=True, head=head)
         self.inferred += 1
         pairs = stacked.reshape(len(names), 2, k, *stacked.shape[1:])  # (N, [P, G], K, z, y, x)
         probabilities = pairs[:, 0].reshape(-1, *stacked.shape[1:])
@@ -208,22 +207,20 @@ class CaseScorer:
         return {**organ_scores(probabilities, k), "cgmm": posterior_scores(probabilities, posteriors, k)}
 
 
-def posterior_head(mixtures: list):
+def posterior_head(mixtures: list, device):
     """A :class:`Predictor` head giving network i's softmax and its CGMM posterior under
-    ``mixtures[i]``, the posterior brought onto the logits' grid where the features are coarser."""
+    ``mixtures[i]`` (``(B, 2K, *patch)``), the posterior brought onto the logits' grid where the
+    features are coarser."""
     import torch
     from torch.nn import functional as F
 
-    from .cgmm import log_posterior
+    from .cgmm import CGMMParameters, log_posterior
+
+    placed = [CGMMParameters(*(t.to(device) for t in (m.mean, m.var, m.log_mixing, m.present))) for m in mixtures]
 
     def head(i: int, logits, features):
         probabilities = torch.softmax(logits.float(), 1)
-        params = mixtures[i]
-        if params.mean.device != features.device:
-            params = type(params)(*(t.to(features.device) for t in (params.mean, params.var, params.log_mixing,
-                                                                     params.present)))
-            mixtures[i] = params
-        g = log_posterior(features.float(), params).exp()
+        g = log_posterior(features.float(), placed[i]).exp()
         if g.shape[2:] != probabilities.shape[2:]:
             g = F.interpolate(g, size=probabilities.shape[2:], mode="trilinear", align_corners=False)
         return torch.cat([probabilities, g], 1)

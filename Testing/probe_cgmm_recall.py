@@ -1,8 +1,8 @@
 """Diagnostic (a script, not a test): per-class voxel recall of a GuidedNet run's head and of its
 CGMM posterior G on the store's labeled cases, with frequency and with uniform mixing
 weights (background recall counts only what the labels call background: on partially
-annotated cases that includes unannotated organs). A class whose G recall is near 0 while the head of a supervised run learns it
-is one the CGMM terms teach the head to miss; the overall voxel accuracy in log.csv (acc_g,
+annotated cases that includes unannotated organs). A class whose G recall is near 0 while the
+head of a supervised run learns it is one the CGMM terms teach the head to miss; the overall voxel accuracy in log.csv (acc_g,
 acc_head) is dominated by background and hides it.
 
     OMP_NUM_THREADS=1 python Testing/probe_cgmm_recall.py runs/phB/guidednet-seed0 --store runs/phB/store
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from GuidedSegLib.bundle import load_networks  # noqa: E402
-from GuidedSegLib.cgmm import CGMMParameters, log_posterior  # noqa: E402
+from GuidedSegLib.cgmm import MixtureMemory, log_posterior  # noqa: E402
 from GuidedSegLib.imageio import read_image  # noqa: E402
 from GuidedSegLib.preprocessing import PreprocessingPlan, preprocess  # noqa: E402
 
@@ -48,11 +47,13 @@ def main() -> int:
     lookup[[int(v) for v in metadata["labels"]]] = np.arange(k)
     heads = {"head": None}
     if "memory.A.share" in state:
-        share = state["memory.A.share"]
-        mean, var, seen = state["memory.A.mean"], state["memory.A.var"], state["memory.A.seen"]
-        heads["G (frequency mixing)"] = CGMMParameters(mean, var, torch.log((share / share.sum()).clamp_min(1e-8)), seen)
-        heads["G (uniform mixing)"] = CGMMParameters(mean, var, torch.full((k,), -math.log(k)), seen)
+        memory = MixtureMemory(k, state["memory.A.mean"].shape[1])
+        memory.load_state_dict({key[len("memory.A."):]: value for key, value in state.items()
+                                if key.startswith("memory.A.")})
+        heads["G (frequency mixing)"] = memory.current("frequency")
+        heads["G (uniform mixing)"] = memory.current("uniform")
         trained = (yaml.safe_load((args.run / "config.yaml").read_text()).get("objective") or {}).get("mixing")
+        share = memory.share
         weights = " ".join(f"{n}={1000 * float(w) / float(share.sum()):.1f}" for n, w in zip(names, share))
         print(f"the run trained with {trained} mixing; frequency mixing weights (per mille): {weights}")
     counts = {name: np.zeros((k, 2)) for name in heads}

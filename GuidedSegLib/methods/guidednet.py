@@ -51,7 +51,7 @@ class GuidedNet(CrossPseudo):
         """A warm start keeps the parent's mixtures (network B takes A's where the parent has one
         network's only), so the fine-tune's first steps, and a bundle whose best weights are the
         parent's, have the class statistics the parent learned."""
-        kept = {name: params for name, params in cgmm.read_mixture_tensors(tensors).items() if bool(params.present.any())}
+        kept = cgmm.read_mixture_tensors(tensors)
         if not hasattr(self, "memory") or not kept:
             return []
         taken = []
