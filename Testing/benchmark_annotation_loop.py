@@ -1,7 +1,7 @@
 """Benchmark (a script, not a test): the annotation loop with a simulated annotator.
 
 The pool is a Decathlon set's training cases (its test split stays untouched); the loop starts
-with ``--start`` of them labeled. Each round, for every arm (strategy x method x start x seed):
+with ``--start`` of them labeled. Each round, for every arm (strategy x method x seed):
 
 1. rank the arm's unlabeled pool with the previous round's bundle (``guidedseg suggest``'s
    library call: ``disagreement`` or ``random``);
@@ -10,13 +10,16 @@ with ``--start`` of them labeled. Each round, for every arm (strategy x method x
    the reference is ingested as the case's label through ``CaseStore.ingest_label``, the call the
    panel's Export makes, with provenance ``simulated annotator (benchmark_annotation_loop)``;
 3. train: ``warm`` fine-tunes from the previous bundle (``train.py --init-from``) with the fixed
-   budget ``--round-iterations``; ``scratch`` trains a new model with ``--iterations``;
-4. score the new bundle on the test cases (Dice per case and organ).
+   budget ``--round-iterations``. At the rounds in ``--scratch-rounds``, a ``scratch`` model is
+   also trained anew, with ``--iterations``, on the same labeled cases: the warm start and the
+   from-scratch training then differ only in how they start;
+4. score the new bundles on the test cases (Dice per case and organ).
 
 Rows go to ``--csv`` (default Testing/results/annotation-loop.csv), one per (dataset, strategy,
 method, start, round, labeled, seed, case, organ): test cases carry ``dice``; the cases corrected
 in the round carry ``effort_voxels`` (organ ``all``) and ``slices_touched`` (an extra column);
-``wall_s`` is the round's wall time (ranking + drafts + training). The file is rewritten
+``wall_s`` is the round's wall time for that start (ranking + drafts + its training) and
+``train_s`` the training's alone (an extra column). The file is rewritten
 atomically after every round, keeping the rows of other datasets. Finished rounds (a
 ``done.json`` in their folder) are skipped, an interrupted training resumes, so the same command
 continues a stopped run. PNGs: mean test Dice against labeled cases, and effort against round.
@@ -53,7 +56,7 @@ from GuidedSegLib.imageio import atomic_path, read_image  # noqa: E402
 from GuidedSegLib.store import CaseStore  # noqa: E402
 
 COLUMNS = ["dataset", "strategy", "method", "start", "round", "labeled", "seed", "case", "organ", "dice",
-           "effort_voxels", "wall_s", "slices_touched"]
+           "effort_voxels", "wall_s", "slices_touched", "train_s"]
 SOURCE = "simulated annotator (benchmark_annotation_loop)"
 
 
@@ -78,9 +81,12 @@ def base_store(args) -> tuple[Path, str, str]:
 
 
 def train(args, store: Path, output: Path, method: str, seed: int, parent: Path | None, iterations: int) -> float:
-    """Train (or fine-tune from ``parent``) into ``output``; resumes a stopped run; the wall seconds."""
+    """Train (or fine-tune from ``parent``) into ``output``; resumes a stopped run. The training's
+    wall seconds, summed over its resumptions (kept in ``output/train_seconds.json``)."""
+    record = output / "train_seconds.json"
+    spent = json.loads(record.read_text())["seconds"] if record.exists() else 0.0
     if (output / "bundle" / "model.json").exists():
-        return 0.0
+        return spent
     command = [sys.executable, str(ROOT / "Training" / "train.py"), "--store", str(store), "--output", str(output),
                "--method", method, "--seed", str(seed), "--progress", "none", f"optim.iterations={iterations}",
                f"data.cache={args.work / 'cache'}",
@@ -97,9 +103,11 @@ def train(args, store: Path, output: Path, method: str, seed: int, parent: Path 
     with open(output.parent / f"{output.name}.log", "a") as log:
         print(f"{time.strftime('%H:%M:%S')} {' '.join(command)}", flush=True)
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+    spent += time.monotonic() - began
+    _write_json(record, {"seconds": spent})
     if code:
         raise SystemExit(f"training failed (exit {code}); see {output.parent / f'{output.name}.log'}")
-    return time.monotonic() - began
+    return spent
 
 
 def effort(draft: np.ndarray, reference: np.ndarray) -> tuple[int, float]:
@@ -111,26 +119,27 @@ def effort(draft: np.ndarray, reference: np.ndarray) -> tuple[int, float]:
 def dice_rows(bundle: Path, store: CaseStore, common: dict) -> list[dict]:
     scores = evaluate(bundle, store)
     return [{**common, "case": case, "organ": store.labels[organ], "dice": f"{d:.6f}"}
-            for organ, values in sorted(scores.items()) for d, _, case in values]
+            for organ, values in sorted(scores.items()) for d, _, case, *_ in values]
 
 
-def run_arm(args, base: Path, dataset: str, truth: str, strategy: str, method: str, start: str, seed: int) -> None:
+def run_arm(args, base: Path, dataset: str, truth: str, strategy: str, method: str, seed: int) -> None:
     """Every round of one arm, skipping those with a done.json."""
     from GuidedSegLib.inference import Predictor
     from GuidedSegLib.suggest import suggest
 
-    arm = args.work / f"{strategy}-{method}-{start}-seed{seed}"
+    arm = args.work / f"{strategy}-{method}-seed{seed}"
     store_root = arm / "store"
     if not (store_root / "dataset.json").exists():
         shutil.copytree(base, arm / ".partial-store", dirs_exist_ok=True)
         os.replace(arm / ".partial-store", store_root)
-    common = {"dataset": dataset, "strategy": strategy, "method": method, "start": start, "seed": seed}
+    common = {"dataset": dataset, "strategy": strategy, "method": method, "seed": seed}
     # round 0: the model on the starting labeled cases, shared by every arm of this method and seed
     first = args.work / f"round0-{method}-seed{seed}"
     bundle = first / "run" / "bundle"
     if not (first / "done.json").exists():
         seconds = train(args, base, first / "run", method, seed, None, args.iterations)
-        rows = dice_rows(bundle, CaseStore(base), {**common, "round": 0, "labeled": args.start, "wall_s": f"{seconds:.1f}"})
+        rows = dice_rows(bundle, CaseStore(base), {**common, "round": 0, "labeled": args.start, "wall_s": f"{seconds:.1f}",
+                                                   "train_s": f"{seconds:.1f}"})
         _write_json(first / "done.json", {"rows": rows, "wall_s": seconds})
     for r in range(1, args.rounds + 1):
         folder = arm / f"round{r}"
@@ -163,18 +172,33 @@ def run_arm(args, base: Path, dataset: str, truth: str, strategy: str, method: s
                 store.ingest_label(item["case"], store.root / truth / f"{item['case']}.nii.gz", source=SOURCE,
                                    model=str(previous))
         labeled = len(CaseStore(store_root).cases("labeled"))
-        if start == "warm":
-            train(args, store_root, folder / "run", method, seed, previous, args.round_iterations)
-        else:
-            train(args, store_root, folder / "run", method, seed, None, args.iterations)
-        wall = time.monotonic() - began
-        round_common = {**common, "round": r, "labeled": labeled, "wall_s": f"{wall:.1f}"}
-        rows = dice_rows(bundle, CaseStore(store_root), round_common)
-        rows += [{**round_common, "case": item["case"], "organ": "all", "effort_voxels": item["effort_voxels"],
-                  "slices_touched": f"{item['slices_touched']:.4f}"} for item in selection]
-        _write_json(folder / "done.json", {"rows": rows, "wall_s": wall})
-        print(f"{time.strftime('%H:%M:%S')} {arm.name} round {r}: {labeled} labeled, {wall:.0f} s", flush=True)
+        selecting = _selection_seconds(folder, time.monotonic() - began)
+        # the round is done only once every training of it is: the next round changes the store
+        trainings = [("warm", folder / "run", previous, args.round_iterations)]
+        if r in args.scratch_rounds:
+            trainings.append(("scratch", folder / "scratch-run", None, args.iterations))
+        rows = []
+        for start, output, parent, iterations in trainings:
+            seconds = train(args, store_root, output, method, seed, parent, iterations)
+            start_common = {**common, "start": start, "round": r, "labeled": labeled,
+                            "wall_s": f"{selecting + seconds:.1f}", "train_s": f"{seconds:.1f}"}
+            rows += dice_rows(output / "bundle", CaseStore(store_root), start_common)
+            rows += [{**start_common, "case": item["case"], "organ": "all", "effort_voxels": item["effort_voxels"],
+                      "slices_touched": f"{item['slices_touched']:.4f}"} for item in selection]
+        _write_json(folder / "done.json", {"rows": rows})
+        print(f"{time.strftime('%H:%M:%S')} {arm.name} round {r}: {labeled} labeled, "
+              f"{time.monotonic() - began:.0f} s", flush=True)
         write_csv(args, dataset)
+
+
+def _selection_seconds(folder: Path, seconds: float) -> float:
+    """The round's ranking + drafts + ingest time, kept from its first pass (a resumed round
+    ranks nothing again)."""
+    record = folder / "selection_seconds.json"
+    if record.exists():
+        return json.loads(record.read_text())["seconds"]
+    _write_json(record, {"seconds": seconds})
+    return seconds
 
 
 def _write_json(path: Path, data) -> None:
@@ -188,9 +212,9 @@ def collected_rows(args) -> list[dict]:
         arm = done.parent.parent.name if done.parent.name.startswith("round") and done.parent.parent != args.work \
             else None
         for row in json.loads(done.read_text())["rows"]:
-            if arm is None:  # round 0 belongs to every arm of its method and seed
+            if arm is None:  # round 0 belongs to every arm of its method and seed, and to both starts
                 for strategy in args.strategies.split(","):
-                    for start in args.starts.split(","):
+                    for start in ("warm", "scratch") if args.scratch_rounds else ("warm",):
                         if row["method"] in args.methods.split(","):
                             rows.append({**row, "strategy": strategy, "start": start})
             else:
@@ -263,20 +287,23 @@ def main() -> int:
     parser.add_argument("--round-iterations", type=int, default=300, help="fine-tune budget of a 'warm' round")
     parser.add_argument("--strategies", default="disagreement,random")
     parser.add_argument("--methods", default="guidednet,supervised")
-    parser.add_argument("--starts", default="warm,scratch")
+    parser.add_argument("--scratch-rounds", default="",
+                        help="rounds (comma-separated, or 'all') at which a model is also trained from scratch on "
+                             "the warm arm's labeled cases (default: none)")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--csv", type=Path, default=ROOT / "Testing" / "results" / "annotation-loop.csv")
     parser.add_argument("--plots", type=Path, help="folder of the PNGs (default: beside the CSV)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.plots = args.plots or args.csv.parent
+    args.scratch_rounds = (set(range(1, args.rounds + 1)) if args.scratch_rounds == "all"
+                           else {int(r) for r in args.scratch_rounds.split(",") if r})
     base, dataset, truth = base_store(args)
     began = time.monotonic()
     for seed in [int(s) for s in args.seeds.split(",")]:
         for method in args.methods.split(","):
             for strategy in args.strategies.split(","):
-                for start in args.starts.split(","):
-                    run_arm(args, base, dataset, truth, strategy, method, start, seed)
+                run_arm(args, base, dataset, truth, strategy, method, seed)
     write_csv(args, dataset)
     for path in plot(args, dataset):
         print(f"plot: {path}")
