@@ -272,6 +272,73 @@ def plot(args, dataset: str) -> list[Path]:
     return out
 
 
+def mean_dice(rows: list[dict]) -> float:
+    """Mean over organs of the mean over test cases."""
+    by_organ: dict[str, list[float]] = {}
+    for r in rows:
+        if str(r.get("dice", "")) != "":
+            by_organ.setdefault(r["organ"], []).append(float(r["dice"]))
+    return float(np.mean([np.mean(v) for v in by_organ.values()])) if by_organ else float("nan")
+
+
+def labeled_to_reach(curve: dict[int, float], target: float) -> float | None:
+    """The labeled count at which ``curve`` (labeled -> Dice) first reaches ``target``, linearly
+    interpolated between rounds; None if it never does."""
+    points = sorted(curve.items())
+    for (x0, y0), (x1, y1) in zip([points[0]] + points, points):
+        if y1 >= target:
+            return float(x1) if y1 == y0 or x1 == x0 else x0 + (target - y0) / (y1 - y0) * (x1 - x0)
+    return None
+
+
+def report(args, dataset: str) -> str:
+    """The issue's two questions, answered from the rows: does disagreement reach random's final
+    Dice with at least 30 % fewer labeled cases, and does a warm start reach the from-scratch Dice
+    in a third of the time or less."""
+    rows = [r for r in collected_rows(args) if r["dataset"] == dataset]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["seed"], r["strategy"], r["start"], int(r["round"]), int(r["labeled"])),
+                          []).append(r)
+    dice = {key: mean_dice(group) for key, group in groups.items()}
+    train_s = {key: float(group[0]["train_s"]) for key, group in groups.items() if group[0].get("train_s")}
+    lines = [f"### {dataset}", "", "| method | seed | strategy | start | round | labeled | mean test Dice | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key in sorted(dice):
+        method, seed, strategy, start, rnd, labeled = key
+        lines.append(f"| {method} | {seed} | {strategy} | {start} | {rnd} | {labeled} | {100 * dice[key]:.1f} | "
+                     f"{train_s.get(key, float('nan')):.0f} |")
+    lines.append("")
+    for method, seed in sorted({(k[0], k[1]) for k in dice}):
+        curves = {strategy: {k[5]: v for k, v in dice.items() if k[:4] == (method, seed, strategy, "warm")}
+                  for strategy in args.strategies.split(",")}
+        baseline = curves.get("random")
+        for strategy, curve in curves.items():
+            if strategy == "random" or not curve or not baseline:
+                continue
+            final_labeled = max(baseline)
+            target = baseline[final_labeled]
+            reached = labeled_to_reach(curve, target)
+            saving = None if reached is None else 1 - reached / final_labeled
+            verdict = ("never reached" if reached is None else
+                       f"reached at {reached:.1f} labeled, {100 * saving:.0f} % fewer: "
+                       f"{'yes' if saving >= 0.3 else 'no'}")
+            lines.append(f"- {method} seed {seed}, {strategy} against random's final Dice "
+                         f"({100 * target:.1f} at {final_labeled} labeled): {verdict}")
+        for k, value in sorted(dice.items()):
+            if k[:2] != (method, seed) or k[3] != "scratch" or k[4] == 0:
+                continue
+            warm = (method, seed, k[2], "warm", k[4], k[5])
+            if warm not in dice or warm not in train_s or k not in train_s:
+                continue
+            ratio = train_s[warm] / train_s[k]
+            holds = dice[warm] >= value and ratio <= 1 / 3
+            lines.append(f"- {method} seed {seed}, {k[2]}, round {k[4]} ({k[5]} labeled): warm {100 * dice[warm]:.1f} "
+                         f"in {train_s[warm]:.0f} s against scratch {100 * value:.1f} in {train_s[k]:.0f} s "
+                         f"(time ratio {ratio:.2f}): {'yes' if holds else 'no'}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="section.key=value settings for every training run")
@@ -307,6 +374,7 @@ def main() -> int:
     write_csv(args, dataset)
     for path in plot(args, dataset):
         print(f"plot: {path}")
+    print(report(args, dataset))
     print(f"rows: {args.csv}; {time.monotonic() - began:.0f} s")
     return 0
 
