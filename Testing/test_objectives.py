@@ -929,3 +929,32 @@ def test_guidednet_authors_variant_teaches_through_an_undetached_similarity():
         gradients[detach] = torch.cat([p.grad.flatten() for p in method.networks["A"].parameters() if p.grad is not None])
     assert not torch.allclose(gradients[False], gradients[True]), \
         "L_self's gradient is the same with the target detached: the authors' form must teach the features too"
+
+
+def test_self_target_agree_stops_l_self_teaching_the_head_to_miss_an_organ_the_mixture_misses():
+    """A one-voxel organ has a frequency prior that G does not overcome. With the soft target
+    (Eq. 9), L_self pushes the head's logit of that organ down on the very voxel annotated as
+    it, against L_sup; with ``self_target: agree`` it leaves that voxel alone."""
+    batch = make_batch("one_organ_and_background")
+    batch.labels[0, 0, 0, 0] = 3
+    network = {**NET, "feature_layer": 1}  # features at stride 2: the organ is 1 of 128 labeled feature voxels
+    pushed = {}
+    for target in ("soft", "agree"):
+        torch.manual_seed(0)
+        options = replace(methods.MethodOptions.preset("guidednet"), self_target=target)
+        method = methods.build_method("guidednet", network, K_M, options, 100)
+        kept = []
+
+        def keep_logits(module, inputs, output):
+            output[0].retain_grad()
+            kept.append(output[0])
+
+        method.networks["A"].register_forward_hook(keep_logits)
+        method(batch, 60)
+        assert method.terms["self"].item() > 0, f"{target}: L_self is 0, the test cannot tell"
+        method.terms["self"].backward()
+        pushed[target] = kept[0].grad[0, :, 0, 0, 0]
+    assert pushed["soft"][3] > 0, \
+        f"soft L_self's gradient on the organ's logit at its own voxel is {pushed['soft'][3].item():.3g}: G did not miss it"
+    assert torch.count_nonzero(pushed["agree"]) == 0, \
+        f"with self_target=agree L_self still acts on the voxel G misses: {pushed['agree'].tolist()}"

@@ -308,6 +308,8 @@ def check(config: TrainConfig) -> None:
         raise ConfigError(f"objective.mixing {config.objective.mixing!r} must be uniform or frequency")
     if config.objective.rectify_target not in ("agree", "soft", "hard"):
         raise ConfigError(f"objective.rectify_target {config.objective.rectify_target!r} must be agree, soft or hard")
+    if config.objective.self_target not in ("agree", "soft"):
+        raise ConfigError(f"objective.self_target {config.objective.self_target!r} must be agree or soft")
     if config.objective.kt_form not in ("balanced", "paper"):
         raise ConfigError(f"objective.kt_form {config.objective.kt_form!r} must be balanced or paper")
     if not 0 <= config.objective.mixture_momentum < 1:

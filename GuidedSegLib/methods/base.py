@@ -87,6 +87,7 @@ class MethodOptions:
     var_floor: float = 1e-4
     detach_targets: bool = True  # L_self / L_rectify targets detached (False: as the authors' code)
     rectify_target: str = "agree"  # "agree": arg-max G' where the other network agrees; "soft"; "hard"
+    self_target: str = "soft"  # L_self: "soft": G on every annotated voxel (Eq. 9); "agree": only where arg-max G is the label
     lambda_qd: float = 0.1  # DK-UXNet: weight of L_qd (the cluster assignment against the merged labels)
     confidence: float = 0.8  # DK-UXNet: softmax confidence a pseudo-label needs in L_segc / L_qdc
 

@@ -16,7 +16,7 @@ from .cps import CrossPseudo
 # KT-CPS weights K * ratio / max from 1 with a 0.1 floor. ``guidednet`` departs from each of these
 # (Testing/BENCHMARKS.md says why, with the measurements).
 PAPER_OBJECTIVE = {"mixture_momentum": 0.0, "tied_variance": False, "mixing": "uniform", "rectify_target": "soft",
-                   "ramp_cgmm": False, "kt_form": "paper", "kt_floor": 0.1}
+                   "self_target": "soft", "ramp_cgmm": False, "kt_form": "paper", "kt_floor": 0.1}
 
 # The authors' code (kimjisoo12/GuidedNet): prototype similarities in place of the Gaussian
 # posterior (:meth:`GuidedNetAuthors.cgmm_losses`), targets not detached, every CGMM term at
@@ -116,7 +116,10 @@ class GuidedNet(CrossPseudo):
             if o.loss_gt:
                 parts["gt"] = parts["gt"] + cgmm.loss_gt(log_g[:n], labels, known_here)
             if o.loss_self:
-                parts["self"] = parts["self"] + cgmm.loss_self(probabilities[:n], target[:n], known_here, params.present)
+                # "agree": where G misses the annotated class (a rare organ under frequency mixing),
+                # L_self would teach the head to miss it too, against L_sup
+                taught = known_here & (log_g[:n].argmax(1) == labels) if o.self_target == "agree" else known_here
+                parts["self"] = parts["self"] + cgmm.loss_self(probabilities[:n], target[:n], taught, params.present)
             if o.loss_max:
                 parts["max"] = parts["max"] + cgmm.loss_max(params)
             if o.loss_rectify:
