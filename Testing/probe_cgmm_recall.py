@@ -2,8 +2,8 @@
 CGMM posterior G on the store's labeled cases, with frequency and with uniform mixing
 weights (background recall counts only what the labels call background: on partially
 annotated cases that includes unannotated organs). A class whose G recall is near 0 while the
-head of a supervised run learns it is one the CGMM terms teach the head to miss; the overall voxel accuracy in log.csv (acc_g,
-acc_head) is dominated by background and hides it.
+head of a supervised run learns it is one the CGMM terms teach the head to miss; the overall
+voxel accuracy in log.csv (acc_g, acc_head) is dominated by background and hides it.
 
     OMP_NUM_THREADS=1 python Testing/probe_cgmm_recall.py runs/phB/guidednet-seed0 --store runs/phB/store
 

@@ -106,9 +106,10 @@ class GuidedNet(CrossPseudo):
             if hasattr(self, "memory"):
                 params = self.memory[name].blend(params, o.mixing, update=self.training)
             log_g = cgmm.log_posterior(features, params)  # (B, K, ...): G on labeled, G' on unlabeled
+            g_right = known_here & (log_g[:n].detach().argmax(1) == labels)  # annotated voxels G gets right
             with torch.no_grad():
                 counted = known_here.sum().clamp_min(1)
-                accuracy["acc_g"] = accuracy["acc_g"] + ((log_g[:n].argmax(1) == labels) & known_here).sum() / counted / 2
+                accuracy["acc_g"] = accuracy["acc_g"] + g_right.sum() / counted / 2
                 accuracy["acc_head"] = accuracy["acc_head"] + ((probabilities[:n].argmax(1) == labels) & known_here).sum() / counted / 2
             g = log_g.exp()
             posteriors[name] = g
@@ -118,7 +119,7 @@ class GuidedNet(CrossPseudo):
             if o.loss_self:
                 # "agree": where G misses the annotated class (a rare organ under frequency mixing),
                 # L_self would teach the head to miss it too, against L_sup
-                taught = known_here & (log_g[:n].argmax(1) == labels) if o.self_target == "agree" else known_here
+                taught = g_right if o.self_target == "agree" else known_here
                 parts["self"] = parts["self"] + cgmm.loss_self(probabilities[:n], target[:n], taught, params.present)
             if o.loss_max:
                 parts["max"] = parts["max"] + cgmm.loss_max(params)
