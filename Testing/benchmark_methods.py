@@ -26,9 +26,9 @@ Extra ``section.key=value`` arguments go to every training run. A derived store 
 references of its unlabeled cases in ``referencesUnlabeled/`` (training never reads them): each
 run scores up to 4 of them at every validation (``validation.monitor``) for the curves that
 ``--plot`` draws, since with few labeled cases every labeled case trains and none validates.
-``--csv`` (re)writes this benchmark's per-case rows (``dataset,labeled,method,seed,case,organ,
-dice,jaccard,hd95``; HD95 in mm, empty for an empty prediction) into the file, keeping the rows
-of other data sets and label counts. A method is a name of ``GuidedSegLib.methods.METHODS``,
+``--csv`` (re)writes the per-case rows of this invocation's runs (``dataset,labeled,method,seed,
+case,organ,dice,jaccard,hd95``; HD95 in mm, empty for an empty prediction) into the file, keeping
+every row of other runs (other methods, seeds, data sets and label counts). A method is a name of ``GuidedSegLib.methods.METHODS``,
 optionally with ``:plain`` and ``@network`` (a ``network.type``), so that one table can tell the
 network from the objective: ``--methods cps,guidednet,dkuxnet,guidednet@uxnet-kmax,dkuxnet@unet3d``.
 """
@@ -160,12 +160,16 @@ def evaluate(bundle: Path, store: CaseStore) -> dict[int, list[tuple[float, floa
 
 
 def write_rows(path: Path, dataset: str, labeled: int, results, store: CaseStore) -> None:
-    """Replace this (dataset, labeled) block of ``path`` with the per-case rows of ``results``."""
+    """Write the per-case rows of ``results`` into ``path``, replacing the rows of the same
+    (dataset, labeled, method, seed) runs and keeping every other row: a work folder that holds
+    one method's runs must not delete the rows other work folders wrote for the same split."""
     columns = ["dataset", "labeled", "method", "seed", "case", "organ", "dice", "jaccard", "hd95"]
+    written = {(dataset, str(labeled), method, str(seed)) for method, seed in results}
     kept = []
     if path.exists():
         with open(path, newline="") as handle:
-            kept = [r for r in csv.DictReader(handle) if (r["dataset"], r["labeled"]) != (dataset, str(labeled))]
+            kept = [r for r in csv.DictReader(handle)
+                    if (r["dataset"], r["labeled"], r["method"], r["seed"]) not in written]
     rows = [{"dataset": dataset, "labeled": labeled, "method": method, "seed": seed, "case": case,
              "organ": store.labels[organ], "dice": f"{d:.6f}", "jaccard": f"{j:.6f}",
              "hd95": "" if not hd95 or np.isnan(hd95[0]) else f"{hd95[0]:.3f}"}

@@ -366,3 +366,21 @@ def test_benchmark_rows_and_table_carry_hd95(three_organ_store, tmp_path):
     assert "dkuxnet HD95 mm" in table and "| 3.2 ± 0.0 |" in table
     assert bench.parse_method("cps:plain@uxnet-kmax") == ("cps", True, "uxnet-kmax")
     assert bench.run_folder(tmp_path, "dkuxnet@unet3d", 1) == tmp_path / "dkuxnet-unet3d-seed1"
+
+
+def test_benchmark_rows_of_one_method_keep_the_other_methods_rows_of_the_same_split(three_organ_store, tmp_path):
+    """A work folder that holds only CPS's run (OpenKBP's CPS was trained apart from supervised
+    and GuidedNet) rewrites CPS's rows and keeps the other methods' rows of that split."""
+    sys.path.insert(0, str(ROOT / "Testing"))
+    import benchmark_methods as bench
+    from GuidedSegLib.store import CaseStore
+
+    store = CaseStore(three_organ_store)
+    training = {"seconds_per_iteration": 1.0, "peak_memory_mb": 100.0}
+    path = tmp_path / "rows.csv"
+    bench.write_rows(path, "la-mri", 3, {("supervised", 0): ({1: [(0.7, 0.5, "a", 2.0)]}, training),
+                                         ("cps", 0): ({1: [(0.1, 0.05, "a", 9.0)]}, training)}, store)
+    bench.write_rows(path, "la-mri", 3, {("cps", 0): ({1: [(0.8, 0.667, "a", 3.0)]}, training)}, store)
+    with open(path, newline="") as handle:
+        rows = sorted((r["method"], r["seed"], r["dice"]) for r in csv.DictReader(handle))
+    assert rows == [("cps", "0", "0.800000"), ("supervised", "0", "0.700000")]
