@@ -12,7 +12,8 @@ miss them.
 
     OMP_NUM_THREADS=1 python Testing/probe_term_gradients.py runs/kbp3/guidednet-seed0 --organ Mandible
 
-Reads ``RUN/config.yaml``, ``RUN/plan.json``, ``RUN/classes.json`` and ``RUN/checkpoint.pt``;
+Reads ``RUN/config.yaml``, ``RUN/plan.json``, ``RUN/classes.json`` and ``RUN/checkpoint.pt`` (the
+latest, so a stopped run can be probed mid-way), and for ``data.patch: auto`` the bundle's patch;
 the store and the cache are the run's own. Crops are drawn without augmentation.
 """
 
@@ -67,7 +68,14 @@ def main() -> int:
     method.load_state_dict(state["model"])
     method.train()
     iteration = int(state["iteration"])
-    sampler = CropSampler(holding, unlabeled, config.data.patch, config.data.labeled_batch,
+    patch = config.data.patch
+    if patch == "auto":  # the crop the trainer derived, as the bundle records it
+        bundle = args.run / "bundle" / "model.json"
+        if not bundle.is_file():
+            raise SystemExit(f"{args.run}: data.patch is auto and the run has no bundle yet to say which crop it "
+                             "trained on; pass the run a data.patch, or probe it once it has finished")
+        patch = json.loads(bundle.read_text())["patch"]
+    sampler = CropSampler(holding, unlabeled, patch, config.data.labeled_batch,
                           config.data.unlabeled_batch, 1.0, args.seed)
     logits = {}
     for name, network in method.networks.items():
