@@ -28,8 +28,8 @@ run scores up to 4 of them at every validation (``validation.monitor``) for the 
 ``--plot`` draws, since with few labeled cases every labeled case trains and none validates.
 ``--csv`` (re)writes the per-case rows of this invocation's runs (``dataset,labeled,method,seed,
 case,organ,dice,jaccard,hd95``; HD95 in mm, empty for an empty prediction) into the file, keeping
-every row of other runs (other methods, seeds, data sets and label counts). A method is a name of ``GuidedSegLib.methods.METHODS``,
-optionally with ``:plain`` and ``@network`` (a ``network.type``), so that one table can tell the
+every row of other runs (other methods, seeds, data sets and label counts). A method is a name
+of ``GuidedSegLib.methods.METHODS``, optionally with ``:plain`` and ``@network`` (a ``network.type``), so that one table can tell the
 network from the objective: ``--methods cps,guidednet,dkuxnet,guidednet@uxnet-kmax,dkuxnet@unet3d``.
 """
 

@@ -37,6 +37,13 @@ from Training.config import resume_config  # noqa: E402
 from Training.trainer import _validation_fraction  # noqa: E402
 
 
+def flat_gradient(loss: torch.Tensor, parameters: list[torch.Tensor]) -> torch.Tensor:
+    """The gradient of ``loss`` over ``parameters`` as one vector (zeros where it does not reach),
+    keeping the graph for the next term."""
+    grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, parameters)])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
@@ -91,20 +98,16 @@ def main() -> int:
         if int(annotated.sum()) == 0:
             continue
         used += 1
-        method.terms = {}
-        method(batch, iteration)
+        method(batch, iteration)  # sets method.terms
         n = batch.n_labeled
         organ_ce = sum(F.cross_entropy(out[:n].float(), batch.labels, reduction="none")[annotated].mean()
                        for out in logits.values())
-        g_organ = torch.autograd.grad(organ_ce, parameters, retain_graph=True, allow_unused=True)
-        flat_organ = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
-                                for g, p in zip(g_organ, parameters)])
+        flat_organ = flat_gradient(organ_ce, parameters)
         for term_name, term in method.terms.items():
             if not term.requires_grad:
                 totals.setdefault(term_name, []).append((0.0, 0.0, 0.0))
                 continue
-            grads = torch.autograd.grad(term, parameters, retain_graph=True, allow_unused=True)
-            flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, parameters)])
+            flat = flat_gradient(term, parameters)
             dot = float(flat @ flat_organ)
             cos = dot / max(float(flat.norm() * flat_organ.norm()), 1e-30)
             totals.setdefault(term_name, []).append((-dot, cos, float(flat.norm())))
