@@ -231,6 +231,37 @@ def test_loss_gt_is_masked_mean_negative_log_posterior():
     assert abs(float(value) - expected) < 1e-4, f"L_gt {float(value):.6f} != naive masked mean -log G[y] {expected:.6f}"
 
 
+def test_marginal_loss_gt_equals_eq8_on_fully_annotated_crops():
+    features, labels, probabilities, _ = cgmm_case()
+    params = cgmm.fit(features, labels, probabilities, None, K_CGMM)
+    log_g = cgmm.log_posterior(features, params)
+    every = torch.ones_like(labels, dtype=torch.bool)
+    full = torch.ones(labels.shape[0], K_CGMM, dtype=torch.bool)
+    marginal, eq8 = cgmm.loss_gt_marginal(log_g, labels, full), cgmm.loss_gt(log_g, labels, every)
+    assert torch.allclose(marginal, eq8, atol=1e-5), f"marginal L_gt {float(marginal):.6f} != Eq. 8 {float(eq8):.6f}"
+
+
+def test_marginal_loss_gt_scores_background_of_a_partial_crop_as_background_or_unannotated_organ():
+    """In a partially annotated crop Eq. 8 on annotated voxels scores organ voxels only, each
+    against a prior fitted mostly on background; the marginal form also scores the background
+    voxels, where putting G's mass on an organ nobody contoured costs nothing, and one contoured
+    costs as in L_sup."""
+    k = 3
+    labels = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    labels[0, 0, 0, 0] = 1
+    annotated = torch.tensor([[True, True, False]])  # organ 2 unannotated
+    log_g = torch.full((1, k, 4, 4, 4), math.log(0.05))
+    log_g[:, 0] = math.log(0.05)
+    log_g[:, 2] = math.log(0.9)  # G sends every voxel to the unannotated organ
+    value = cgmm.loss_gt_marginal(log_g, labels, annotated)
+    expected = (63 * -math.log(0.95) + -math.log(0.05)) / 64  # background voxels: -log(G_0 + G_2)
+    assert abs(float(value) - expected) < 1e-5, f"marginal L_gt {float(value):.5f} != {expected:.5f}"
+    log_g_wrong = log_g.clone()
+    log_g_wrong[:, 1], log_g_wrong[:, 2] = math.log(0.9), math.log(0.05)  # mass on the contoured organ instead
+    assert cgmm.loss_gt_marginal(log_g_wrong, labels, annotated) > 2 * value, \
+        "G's mass on a contoured organ at background voxels must cost more than on an unannotated one"
+
+
 def test_loss_self_is_bce_averaged_over_present_classes():
     features, labels, probabilities, mask = cgmm_case()
     params = cgmm.fit(features, labels, probabilities, mask, K_CGMM)

@@ -306,6 +306,8 @@ def check(config: TrainConfig) -> None:
         raise ConfigError(f"optim.amp {o.amp!r} must be auto, on or off")
     if config.objective.mixing not in ("uniform", "frequency"):
         raise ConfigError(f"objective.mixing {config.objective.mixing!r} must be uniform or frequency")
+    if config.objective.gt_voxels not in ("annotated", "marginal"):
+        raise ConfigError(f"objective.gt_voxels {config.objective.gt_voxels!r} must be annotated or marginal")
     if config.objective.rectify_target not in ("agree", "soft", "hard"):
         raise ConfigError(f"objective.rectify_target {config.objective.rectify_target!r} must be agree, soft or hard")
     if config.objective.self_target not in ("agree", "soft"):
