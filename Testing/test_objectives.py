@@ -251,7 +251,6 @@ def test_marginal_loss_gt_scores_background_of_a_partial_crop_as_background_or_u
     labels[0, 0, 0, 0] = 1
     annotated = torch.tensor([[True, True, False]])  # organ 2 unannotated
     log_g = torch.full((1, k, 4, 4, 4), math.log(0.05))
-    log_g[:, 0] = math.log(0.05)
     log_g[:, 2] = math.log(0.9)  # G sends every voxel to the unannotated organ
     value = cgmm.loss_gt_marginal(log_g, labels, annotated)
     expected = (63 * -math.log(0.95) + -math.log(0.05)) / 64  # background voxels: -log(G_0 + G_2)

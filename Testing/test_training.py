@@ -320,6 +320,8 @@ def test_config_typo_is_refused_by_the_command(tmp_path):
         load_config(None, ["network.widths=[4,8,16,32]", "network.feature_layer=5"])
     with pytest.raises(ConfigError, match="data.patch"):
         load_config(None, ["data.patch=[32,32]"])
+    with pytest.raises(ConfigError, match="objective.gt_voxels 'every' must be annotated or marginal"):
+        load_config(None, ["objective.gt_voxels=every"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -115,10 +115,9 @@ class GuidedNet(CrossPseudo):
             posteriors[name] = g
             target = g.detach() if o.detach_targets else g
             if o.loss_gt:
-                if o.gt_voxels == "marginal":
-                    parts["gt"] = parts["gt"] + cgmm.loss_gt_marginal(log_g[:n], labels, batch.annotated)
-                else:
-                    parts["gt"] = parts["gt"] + cgmm.loss_gt(log_g[:n], labels, known_here)
+                gt = cgmm.loss_gt_marginal(log_g[:n], labels, batch.annotated) if o.gt_voxels == "marginal" \
+                    else cgmm.loss_gt(log_g[:n], labels, known_here)
+                parts["gt"] = parts["gt"] + gt
             if o.loss_self:
                 # "agree": where G misses the annotated class (a rare organ under frequency mixing),
                 # L_self would teach the head to miss it too, against L_sup
