@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from GuidedSegLib.devices import cpu_has_native_bf16
 from GuidedSegLib.phantoms import generate_phantom, write_phantom_store
 from GuidedSegLib.store import CaseStore
 
@@ -99,9 +100,11 @@ def test_bundle_holds_what_inference_needs(phantom_store, cache, tmp_path):
     from GuidedSegLib.bundle import load_networks
 
     output = tmp_path / "run"
-    # optim.amp=on: bf16 autocast and channels-last on CPU too (the YAML "on" is read as text)
+    # optim.amp=on: bf16 autocast and channels-last on a CPU with bf16 hardware (the YAML "on" is read as text)
     code, out, err = run_train(phantom_store, output, cache, "optim.iterations=2", "optim.amp=on", method="cps")
     assert code == 0, err
+    emulated = "warning: optim.amp=on ignored: this CPU has no bfloat16 hardware" in out
+    assert emulated == (not cpu_has_native_bf16()), out
     # TINY's 4 full-resolution channels for 14 classes is the width that left most phantom organs unlearned
     assert "warning: network.widths starts at 4 channels for 14 classes" in out and "at least 7" in out
     metadata, networks = load_networks(output / "bundle")

@@ -80,7 +80,7 @@ class OptimConfig:
     weight_decay: float = 1e-4
     poly_power: float = 0.9
     grad_clip: float = 12.0  # max gradient norm (0: off)
-    amp: str = "auto"  # "auto" (on for CUDA), "on" (also CPU: bf16, fast where the CPU has AMX/AVX512-BF16), "off"
+    amp: str = "auto"  # "auto" (on for CUDA), "on" (also CPU: bf16 where it has AMX/AVX512-BF16), "off"
 
 
 # Each architecture's constructor arguments from the network section.

@@ -29,7 +29,7 @@ import yaml
 import GuidedSegLib
 from GuidedSegLib import distributed as dist_utils
 from GuidedSegLib.bundle import write_bundle
-from GuidedSegLib.devices import DeviceError, resolve_device
+from GuidedSegLib.devices import DeviceError, cpu_has_native_bf16, resolve_device
 from GuidedSegLib.errors import GuidedSegError
 from GuidedSegLib.imageio import atomic_path
 from GuidedSegLib.inference import count_windows
@@ -196,6 +196,13 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
         report.message(f"warning: optim.amp=on ignored: patch {list(patch)} (z, y, x) leaves a feature map 2 "
                        f"voxels deep, where bfloat16 convolutions on the CPU give wrong gradients; training runs "
                        f"in float32 (a patch of at least {3 * divisor} along z avoids this)")
+        amp = False
+    if amp and device.type == "cpu" and not cpu_has_native_bf16():
+        # Measured (Testing/BENCHMARKS.md): OpenKBP GuidedNet on an AVX2-only CPU, about 2 minutes
+        # per step in bf16 against 5 s in float32.
+        report.message("warning: optim.amp=on ignored: this CPU has no bfloat16 hardware (AVX512-BF16 or AMX), "
+                       "where bf16 autocast is emulated and about 24 times slower than float32; training runs "
+                       "in float32")
         amp = False
     # Channels-last feeds the tensor cores (CUDA) and the bf16 kernels (CPU with AMX / AVX512-BF16).
     channels_last = device.type == "cuda" or (amp and device.type == "cpu")
