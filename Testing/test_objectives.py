@@ -663,9 +663,9 @@ CASES = ("all_background", "single_organ_everywhere", "one_organ_and_background"
          "no_unlabeled")
 
 
-def run_method(name: str, batch: methods.Batch, network: dict = NET, iteration: int = 60):
+def run_method(name: str, batch: methods.Batch, network: dict = NET, iteration: int = 60, **options):
     torch.manual_seed(0)
-    method = methods.build_method(name, network, K_M, methods.MethodOptions.preset(name), 100)
+    method = methods.build_method(name, network, K_M, methods.MethodOptions.preset(name, **options), 100)
     out = method(batch, iteration)
     return method, out
 
@@ -691,6 +691,14 @@ def test_method_degenerate_batch_is_finite(name, case):
     if name == "guidednet":
         for key in ("sup", "cps", "gt", "self", "max", "cons", "rectify", "cgmm"):
             assert key in out, f"guidednet returned no {key!r} loss"
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("gt_voxels", ("annotated", "marginal"))
+def test_both_forms_of_loss_gt_are_finite_on_degenerate_batches(gt_voxels, case):
+    # A crop of one organ and no background leaves background without a mixture component.
+    method, out = run_method("guidednet", make_batch(case), gt_voxels=gt_voxels)
+    check_finite(method, out, f"guidednet, gt_voxels={gt_voxels}, on {case}")
 
 
 def test_guidednet_coarse_feature_layer():
