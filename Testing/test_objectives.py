@@ -850,9 +850,11 @@ def test_balanced_ktcps_weights_start_from_the_labeled_histogram_and_stay_bounde
 def test_guidednet_paper_preset_is_the_literal_objective():
     paper = methods.MethodOptions.preset("guidednet-paper", mixing="frequency", tied_variance=True)
     assert (paper.mixture_momentum, paper.tied_variance, paper.mixing, paper.rectify_target, paper.ramp_cgmm,
-            paper.kt_form, paper.kt_floor) == (0.0, False, "uniform", "soft", False, "paper", 0.1)
+            paper.kt_form, paper.kt_floor, paper.gt_voxels) == (0.0, False, "uniform", "soft", False, "paper", 0.1,
+                                                                "annotated")
     default = methods.MethodOptions.preset("guidednet")
     assert default.mixture_momentum > 0 and default.rectify_target == "agree" and default.kt_form == "balanced"
+    assert default.gt_voxels == "marginal"
 
 
 def test_rectification_target_is_no_worse_than_the_head_on_a_phantom(tiny_bundle):

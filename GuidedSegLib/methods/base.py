@@ -79,7 +79,7 @@ class MethodOptions:
     mixture_momentum: float = 0.9  # moving average of the mixture statistics across steps (0: per batch)
     tied_variance: bool = True  # one variance per feature channel for all classes
     loss_gt: bool = True
-    gt_voxels: str = "annotated"  # L_gt over "annotated" voxels (Eq. 8), or "marginal": every voxel, as L_sup
+    gt_voxels: str = "marginal"  # L_gt on every labeled voxel, as L_sup's marginal CE; "annotated": Eq. 8
     loss_self: bool = True
     loss_max: bool = True
     loss_cons: bool = True

@@ -16,7 +16,8 @@ from .cps import CrossPseudo
 # KT-CPS weights K * ratio / max from 1 with a 0.1 floor. ``guidednet`` departs from each of these
 # (Testing/BENCHMARKS.md says why, with the measurements).
 PAPER_OBJECTIVE = {"mixture_momentum": 0.0, "tied_variance": False, "mixing": "uniform", "rectify_target": "soft",
-                   "self_target": "soft", "ramp_cgmm": False, "kt_form": "paper", "kt_floor": 0.1}
+                   "self_target": "soft", "gt_voxels": "annotated", "ramp_cgmm": False, "kt_form": "paper",
+                   "kt_floor": 0.1}
 
 # The authors' code (kimjisoo12/GuidedNet): prototype similarities in place of the Gaussian
 # posterior (:meth:`GuidedNetAuthors.cgmm_losses`), targets not detached, every CGMM term at
