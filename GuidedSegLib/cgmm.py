@@ -202,8 +202,8 @@ def loss_gt_marginal(log_g: torch.Tensor, labels: torch.Tensor, annotated: torch
     """
     # A class absent from the labeled crops has log G = -inf; merged alone into background (the
     # crops hold no background) its log-sum-exp is -inf and its gradient NaN, even where unused.
-    # A finite stand-in gives the same values and gradients wherever a merged class is present.
-    log_g = torch.where(torch.isneginf(log_g), torch.full_like(log_g, -1e30), log_g)
+    # A finite floor gives the same values and gradients wherever a merged class is present.
+    log_g = log_g.clamp_min(-1e30)
     log_q = marginal_log_probabilities(log_g, annotated)
     nll = -log_q.gather(1, labels.unsqueeze(1)).squeeze(1)
     return global_mean(nll.sum(), nll.numel())

@@ -694,11 +694,11 @@ def test_method_degenerate_batch_is_finite(name, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("gt_voxels", ("annotated", "marginal"))
-def test_both_forms_of_loss_gt_are_finite_on_degenerate_batches(gt_voxels, case):
-    # A crop of one organ and no background leaves background without a mixture component.
-    method, out = run_method("guidednet", make_batch(case), gt_voxels=gt_voxels)
-    check_finite(method, out, f"guidednet, gt_voxels={gt_voxels}, on {case}")
+def test_eq8_loss_gt_is_finite_on_degenerate_batches(case):
+    # The default (marginal) L_gt is covered by test_method_degenerate_batch_is_finite; there a crop
+    # of one organ and no background, which leaves background without a mixture component, gave NaN.
+    method, out = run_method("guidednet", make_batch(case), gt_voxels="annotated")
+    check_finite(method, out, f"guidednet, gt_voxels=annotated, on {case}")
 
 
 def test_guidednet_coarse_feature_layer():

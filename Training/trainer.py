@@ -190,19 +190,9 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
         if count % world:
             raise ConfigError(f"data.{what} {count} must be divisible by the {world} processes")
     amp = config.optim.amp == "on" or (config.optim.amp == "auto" and device.type == "cuda")
-    if amp and device.type == "cpu" and patch[0] // divisor < 3:
-        # Measured with PyTorch 2.13 (Testing/BENCHMARKS.md): on CPU, a bf16 Conv3d over a feature map
-        # 2 voxels deep (first axis) returns weight gradients of 1e30 or NaN in a third of the steps.
-        report.message(f"warning: optim.amp=on ignored: patch {list(patch)} (z, y, x) leaves a feature map 2 "
-                       f"voxels deep, where bfloat16 convolutions on the CPU give wrong gradients; training runs "
-                       f"in float32 (a patch of at least {3 * divisor} along z avoids this)")
-        amp = False
-    if amp and device.type == "cpu" and not cpu_has_native_bf16():
-        # Measured (Testing/BENCHMARKS.md): OpenKBP GuidedNet on an AVX2-only CPU, about 2 minutes
-        # per step in bf16 against 5 s in float32.
-        report.message("warning: optim.amp=on ignored: this CPU has no bfloat16 hardware (AVX512-BF16 or AMX), "
-                       "where bf16 autocast is emulated and about 24 times slower than float32; training runs "
-                       "in float32")
+    refusal = _cpu_bf16_refusal(patch, divisor) if amp and device.type == "cpu" else None
+    if refusal:
+        report.message(f"warning: optim.amp=on ignored: {refusal}; training runs in float32")
         amp = False
     # Channels-last feeds the tensor cores (CUDA) and the bf16 kernels (CPU with AMX / AVX512-BF16).
     channels_last = device.type == "cuda" or (amp and device.type == "cpu")
@@ -592,6 +582,21 @@ def _augmentation(config: TrainConfig, store, class_values, plan: PreprocessingP
                            "a side but no other-side twin among the trained organs")
         return dataclasses.replace(base, flip_axes=others)
     return dataclasses.replace(base, mirror_axis=left_right, permutation=tuple(permutation), flip_axes=others)
+
+
+def _cpu_bf16_refusal(patch, divisor: int) -> str | None:
+    """Why bf16 autocast must not run on this CPU for this patch, or None (Testing/BENCHMARKS.md)."""
+    if patch[0] // divisor < 3:
+        # PyTorch 2.13: a bf16 Conv3d over a feature map 2 voxels deep (first axis) returns weight
+        # gradients of 1e30 or NaN in a third of the steps.
+        return (f"patch {list(patch)} (z, y, x) leaves a feature map 2 voxels deep, where bfloat16 "
+                f"convolutions on the CPU give wrong gradients (a patch of at least {3 * divisor} along z "
+                f"avoids this)")
+    if not cpu_has_native_bf16():
+        # OpenKBP GuidedNet on an AVX2-only CPU: about 2 minutes per step in bf16, 5 s in float32.
+        return ("this CPU has no bfloat16 hardware (AVX512-BF16 or AMX), where bf16 autocast is emulated "
+                "and about 24 times slower than float32")
+    return None
 
 
 def _patch(config: TrainConfig, cases, plan: PreprocessingPlan, divisor: int) -> tuple[int, int, int]:
