@@ -187,7 +187,9 @@ def describe_bundle(folder: str | os.PathLike) -> str:
         f"name       {metadata.get('name', '-')}  (format {metadata['format']}, GuidedSeg "
         f"{metadata.get('library_version', '?')}, created {metadata.get('created', '?')})",
         f"method     {metadata.get('method', '?')}; networks {', '.join(metadata['networks'])}; "
-        f"{network.get('architecture', '?')} widths {network.get('widths')}; {weights['parameters']:,} parameters "
+        f"{network.get('architecture', '?')} widths {network.get('widths')}"
+        f"{'; deep supervision ' + str(network['deep_supervision']) if network.get('deep_supervision') else ''}; "
+        f"{weights['parameters']:,} parameters "
         f"in {weights['tensors']} tensors ({weights['bytes'] / 2**20:.1f} MB, {', '.join(weights['dtypes'])})",
         f"input      {plan.get('modality')}; orientation {plan.get('orientation')}; spacing "
         f"{plan.get('target_spacing')} mm (x, y, z); clip {plan.get('clip')}; {plan.get('normalisation')} "

@@ -793,6 +793,47 @@ def test_unet_config_round_trip():
         build_network({**config, "architecture": "nope"})
 
 
+@pytest.mark.parametrize("name", ["supervised", "cps", "guidednet"])
+def test_deep_supervision_teaches_the_coarse_heads_the_labels_at_their_resolution(name):
+    # Each coarse head is scored against the labels picked at its resolution: a head that already
+    # predicts exactly those labels adds (almost) nothing, and one that predicts the wrong organ adds.
+    batch = make_batch("partial_annotation")
+    net = {**NET, "deep_supervision": 1}
+    method, out = run_method(name, batch, network=net)
+    check_finite(method, out, f"{name} with deep supervision")
+    for network in method.networks.values():
+        head = network.deep_heads[0]
+        assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0, "the coarse head is not trained"
+    full, _ = method.networks["A"](batch.image)
+    coarse_labels = batch.labels[:, ::2, ::2, ::2]
+    right = 20.0 * F.one_hot(coarse_labels, K_M).movedim(-1, 1).float()
+    wrong = 20.0 * F.one_hot((coarse_labels + 1) % K_M, K_M).movedim(-1, 1).float()
+    scores = {}
+    for what, coarse in (("right", right), ("wrong", wrong)):
+        method.networks["A"].deep_logits = [torch.cat([coarse, coarse[:1]])[: batch.image.shape[0]]]
+        scores[what] = method.supervised(full, batch, method.networks["A"]).item()
+    plain = method.supervised(full, batch).item()
+    assert scores["right"] < plain < scores["wrong"], scores | {"without": plain}
+    assert scores["right"] == pytest.approx(plain / 1.5, rel=0.05), "the full-resolution term's weight is not 1 / 1.5"
+
+
+def test_deep_supervision_heads_are_in_the_bundle_and_unused_at_inference():
+    torch.manual_seed(0)
+    net = UNet3D(in_channels=1, out_channels=3, widths=[4, 8, 16, 32], dropout=0.0, feature_layer=3,
+                 deep_supervision=2)
+    x = torch.randn(2, 1, 16, 16, 8)
+    logits, _ = net(x)
+    assert [tuple(d.shape) for d in net.deep_logits] == [(2, 3, 8, 8, 4), (2, 3, 4, 4, 2)]
+    rebuilt = build_network(net.config())
+    rebuilt.load_state_dict(net.state_dict())
+    rebuilt.eval()
+    with torch.no_grad():
+        eval_logits, _ = rebuilt(x)
+    assert rebuilt.deep_logits == [] and eval_logits.shape == logits.shape
+    with pytest.raises(ValueError, match="deep_supervision 2 must be in 0..1"):
+        UNet3D(widths=[4, 8, 16], feature_layer=2, deep_supervision=2)
+
+
 # ----------------------------------------------------------------------------------------------
 # issue 18: the default GuidedNet's mixture and class weights
 

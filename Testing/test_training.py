@@ -325,6 +325,10 @@ def test_config_typo_is_refused_by_the_command(tmp_path):
         load_config(None, ["data.patch=[32,32]"])
     with pytest.raises(ConfigError, match="objective.gt_voxels 'every' must be annotated or marginal"):
         load_config(None, ["objective.gt_voxels=every"])
+    with pytest.raises(ConfigError, match="network.deep_supervision 3 must be in 0..1"):
+        load_config(None, ["network.widths=[4,8,16]", "network.feature_layer=2", "network.deep_supervision=3"])
+    with pytest.raises(ConfigError, match="network.deep_supervision is a unet3d setting; dkuxnet trains uxnet-kmax"):
+        load_config(None, ["method=dkuxnet", "network.deep_supervision=2"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ class NetworkConfig:
     widths: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
     dropout: float = 0.0  # the paper's 0.3 is in Training/configs/guidednet-paper.yaml; 0 learned faster here
     feature_layer: int = 4  # decoder block whose features the CGMM models (4 = last, full resolution)
+    deep_supervision: int = 0  # coarser decoder blocks with their own head in L_sup (nnU-Net: 2 here)
     uxnet: UXNetConfig = field(default_factory=UXNetConfig)  # uxnet-kmax
 
 
@@ -85,7 +86,8 @@ class OptimConfig:
 
 # Each architecture's constructor arguments from the network section.
 NETWORK_SETTINGS = {
-    "unet3d": lambda n: {"widths": list(n.widths), "dropout": n.dropout, "feature_layer": n.feature_layer},
+    "unet3d": lambda n: {"widths": list(n.widths), "dropout": n.dropout, "feature_layer": n.feature_layer,
+                         "deep_supervision": n.deep_supervision},
     "uxnet-kmax": lambda n: dataclasses.asdict(n.uxnet),
 }
 
@@ -322,6 +324,12 @@ def check(config: TrainConfig) -> None:
     if levels < 1 or not 1 <= config.network.feature_layer <= levels:
         raise ConfigError(f"network.feature_layer {config.network.feature_layer} must be in 1..{levels} "
                           f"for widths {config.network.widths}")
+    if not 0 <= config.network.deep_supervision < levels:
+        raise ConfigError(f"network.deep_supervision {config.network.deep_supervision} must be in 0..{levels - 1} "
+                          f"for widths {config.network.widths}")
+    if config.network.deep_supervision and config.network_type() != "unet3d":
+        raise ConfigError(f"network.deep_supervision is a unet3d setting; {config.method} trains "
+                          f"{config.network_type()}: set network.type=unet3d or leave it at 0")
     u = config.network.uxnet
     if len(u.depths) != 4 or len(u.widths) != 4 or min(u.depths + u.widths) < 1:
         raise ConfigError(f"network.uxnet.depths {u.depths} and widths {u.widths} must be four positive numbers each")

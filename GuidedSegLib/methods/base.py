@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..losses import exclusion_loss, marginal_dice_ce
 from ..networks import build_network, initialise
@@ -141,10 +142,26 @@ class Method(nn.Module):
     def _network(self, init: str) -> nn.Module:
         return initialise(build_network(self.network_spec), init)
 
-    def supervised(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """L_sup on the labeled crops: marginal 1/2 (Dice + CE) plus the exclusion term."""
+    def supervised(self, logits: torch.Tensor, batch: Batch, network: nn.Module | None = None) -> torch.Tensor:
+        """L_sup on the labeled crops: marginal 1/2 (Dice + CE) plus the exclusion term.
+
+        With ``network`` given and its last call left coarser logits (``deep_logits``, a U-Net
+        with deep supervision), L_sup is nnU-Net's weighted sum over resolutions: weights 1, 1/2,
+        1/4, ... normalised to 1, each against the labels picked at that resolution (nearest).
+        """
         n = batch.n_labeled
-        loss = marginal_dice_ce(logits[:n], batch.labels, batch.annotated)
+        loss = self._supervised_at(logits[:n], batch.labels, batch)
+        deep = getattr(network, "deep_logits", None) or []
+        if not deep:
+            return loss
+        weights = [0.5 ** scale for scale in range(len(deep) + 1)]
+        for weight, coarse in zip(weights[1:], deep):
+            labels = F.interpolate(batch.labels[:, None].float(), size=coarse.shape[2:], mode="nearest")
+            loss = loss + weight * self._supervised_at(coarse[:n], labels[:, 0].long(), batch)
+        return loss / sum(weights)
+
+    def _supervised_at(self, logits: torch.Tensor, labels: torch.Tensor, batch: Batch) -> torch.Tensor:
+        loss = marginal_dice_ce(logits, labels, batch.annotated)
         if self.options.exclusion > 0:
-            loss = loss + self.options.exclusion * exclusion_loss(logits[:n], batch.labels, batch.annotated, batch.absent)
+            loss = loss + self.options.exclusion * exclusion_loss(logits, labels, batch.annotated, batch.absent)
         return loss

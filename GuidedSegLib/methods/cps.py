@@ -33,7 +33,7 @@ class CrossPseudo(Method):
         o, n = self.options, batch.n_labeled
         out = {name: self.networks[name](batch.image) for name in ("A", "B")}  # (logits, features)
         losses: dict[str, torch.Tensor] = {}
-        sup = sum(self.supervised(out[name][0], batch) for name in ("A", "B"))
+        sup = sum(self.supervised(out[name][0], batch, self.networks[name]) for name in ("A", "B"))
         losses["sup"] = sup
 
         known = batch.annotated_voxels()

@@ -117,7 +117,7 @@ class DualKMax(Method):
         o, n = self.options, batch.n_labeled
         views = {"A": batch.image, "B": strong_view(batch.image)}
         out = {name: predict(self.networks[name], views[name]) for name in ("A", "B")}  # (logits, log assignment)
-        seg = sum(self.supervised(out[name][0], batch) for name in ("A", "B"))
+        seg = sum(self.supervised(out[name][0], batch, self.networks[name]) for name in ("A", "B"))
         qd = sum(group_cross_entropy(out[name][1][:n], batch.labels, batch.annotated) for name in ("A", "B"))
         mask = batch.pseudo_label_voxels(include_annotated=True)
         segc, qdc, shares = 0.0, 0.0, []

@@ -18,6 +18,6 @@ class Supervised(Method):
 
     def forward(self, batch: Batch, iteration: int) -> dict[str, torch.Tensor]:
         logits, _ = self.networks["A"](batch.image[: batch.n_labeled])
-        sup = self.supervised(logits, batch)
+        sup = self.supervised(logits, batch, self.networks["A"])
         self.terms = {"sup": sup}
         return {"total": sup, "sup": sup.detach()}
