@@ -325,10 +325,21 @@ def test_config_typo_is_refused_by_the_command(tmp_path):
         load_config(None, ["data.patch=[32,32]"])
     with pytest.raises(ConfigError, match="objective.gt_voxels 'every' must be annotated or marginal"):
         load_config(None, ["objective.gt_voxels=every"])
-    with pytest.raises(ConfigError, match="network.deep_supervision 3 must be in 0..1"):
+    with pytest.raises(ConfigError, match="network.deep_supervision 3 must be 'auto' or in 0..1"):
         load_config(None, ["network.widths=[4,8,16]", "network.feature_layer=2", "network.deep_supervision=3"])
     with pytest.raises(ConfigError, match="network.deep_supervision is a unet3d setting; dkuxnet trains uxnet-kmax"):
         load_config(None, ["method=dkuxnet", "network.deep_supervision=2"])
+
+
+def test_a_run_saved_before_deep_supervision_existed_resumes_without_coarse_heads(tmp_path):
+    import yaml
+
+    from Training.config import resume_config
+
+    saved = load_config(None, [f"output={tmp_path}", "network.deep_supervision=2"]).to_dict()
+    del saved["network"]["deep_supervision"]  # as config.yaml was written before the setting existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert resume_config(tmp_path).network.deep_supervision == 0
 
 
 # ----------------------------------------------------------------------------------------------
