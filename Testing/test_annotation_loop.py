@@ -104,6 +104,25 @@ def test_a_fine_tuned_bundle_starts_from_its_parent_and_records_its_lineage_and_
     assert len(history.splitlines()) == 3 and bundle_id(tiny_bundle) in history
 
 
+def test_a_bundle_made_before_deep_supervision_fine_tunes_without_coarse_heads(tiny_bundle, store_now, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "old-bundle"
+    shutil.copytree(tiny_bundle, old)
+    model = json.loads((old / "model.json").read_text())
+    assert model["network"]["deep_supervision"] > 0  # the default trains coarse heads
+    del model["network"]["deep_supervision"]
+    del model["training"]["config"]["network"]["deep_supervision"]
+    (old / "model.json").write_text(json.dumps(model))
+    weights = load_file(str(old / "weights.safetensors"))
+    save_file({k: v for k, v in weights.items() if ".deep_heads." not in k}, str(old / "weights.safetensors"),
+              metadata={"guidedseg_format": str(model["format"])})
+    done = train("--init-from", old, "--store", store_now, "--output", tmp_path / "ft", "optim.iterations=2")
+    assert done.returncode == 0, done.stderr
+    child = json.loads((tmp_path / "ft" / "bundle" / "model.json").read_text())
+    assert child["network"]["deep_supervision"] == 0
+
+
 def cli_output(argv, capsys=None) -> str:
     done = subprocess.run([sys.executable, "-m", "GuidedSegLib.cli", *argv], capture_output=True,
                           encoding="utf-8", cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
