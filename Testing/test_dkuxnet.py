@@ -18,7 +18,8 @@ import torch
 from torch.nn import functional as F
 
 from GuidedSegLib import methods
-from GuidedSegLib.methods.dkuxnet import group_cross_entropy, group_probabilities, strong_view
+from GuidedSegLib.methods.dkuxnet import group_cross_entropy, group_probabilities
+from GuidedSegLib.methods.views import strong_view
 from GuidedSegLib.networks import build_network
 from GuidedSegLib.networks.kmax import KMaXDecoder, KMaXLayer, KMeansCrossAttention, hard_assignment, query_groups
 from GuidedSegLib.networks.uxnet import ChannelLayerNorm, UNETRDecoder, UXBlock, UXNetEncoder

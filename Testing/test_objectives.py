@@ -726,6 +726,29 @@ def test_guidednet_mixture_keeps_background_when_no_crop_is_fully_annotated():
         f"{float(out_full['cons']):.6g} with every organ annotated: the partial crops' mixture lost a component")
 
 
+@pytest.mark.parametrize("name", ("cps", "guidednet"))
+def test_weak_strong_views_feed_b_a_strong_view_and_gate_pseudo_labels(name):
+    """``pseudo_views=weak-strong``: A sees the crop, B a voxel-aligned strong view of it, and a
+    pseudo-label teaches only where its network is confident enough."""
+    batch = make_batch("one_organ_and_background")
+    seen = {}
+    torch.manual_seed(0)
+    method = methods.build_method(name, NET, K_M, methods.MethodOptions.preset(name, pseudo_views="weak-strong"), 100)
+    for key in ("A", "B"):
+        method.networks[key].register_forward_pre_hook(lambda _, args, key=key: seen.__setitem__(key, args[0]))
+    out = method(batch, 60)
+    check_finite(method, out, f"{name} with weak-strong views")
+    assert torch.equal(seen["A"], batch.image) and not torch.equal(seen["B"], batch.image)
+    assert seen["B"].shape == batch.image.shape
+    _, everything = run_method(name, batch, pseudo_views="weak-strong", confidence=0.0)
+    assert float(everything["confident"]) == 1.0 and float(everything["cps"]) > 0
+    _, nothing = run_method(name, batch, pseudo_views="weak-strong", confidence=0.999)
+    assert float(nothing["confident"]) == 0.0 and float(nothing["cps"]) == 0.0
+    for case in CASES:
+        method, out = run_method(name, make_batch(case), pseudo_views="weak-strong")
+        check_finite(method, out, f"{name} weak-strong on {case}")
+
+
 def test_guidednet_ktcps_weights_updated_and_finite():
     method, out = run_method("guidednet", make_batch("one_organ_and_background"))
     for name in ("A", "B"):

@@ -351,6 +351,8 @@ def check(config: TrainConfig) -> None:
     if u.query_dim % u.heads or u.queries < 3:
         raise ConfigError(f"network.uxnet: query_dim {u.query_dim} must be divisible by heads {u.heads}, and "
                           f"queries {u.queries} at least 3 (one per cluster-assignment group)")
+    if config.objective.pseudo_views not in ("same", "weak-strong"):
+        raise ConfigError(f"objective.pseudo_views {config.objective.pseudo_views!r} must be same or weak-strong")
     if not 0 <= config.objective.confidence < 1:
         raise ConfigError(f"objective.confidence {config.objective.confidence} must be in [0, 1)")
     for name in ("patch", "stride"):

@@ -91,7 +91,8 @@ class MethodOptions:
     rectify_target: str = "agree"  # "agree": arg-max G' where the other network agrees; "soft"; "hard"
     self_target: str = "soft"  # L_self: "soft": G on every annotated voxel (Eq. 9); "agree": only where arg-max G is the label
     lambda_qd: float = 0.1  # DK-UXNet: weight of L_qd (the cluster assignment against the merged labels)
-    confidence: float = 0.8  # DK-UXNet: softmax confidence a pseudo-label needs in L_segc / L_qdc
+    confidence: float = 0.8  # softmax confidence a pseudo-label needs: DK-UXNet's L_segc / L_qdc, "weak-strong" CPS
+    pseudo_views: str = "same"  # CPS / GuidedNet: "same" crop for both networks; "weak-strong": B sees a strong view, gated by confidence
 
     @classmethod
     def preset(cls, method: str, **settings) -> MethodOptions:

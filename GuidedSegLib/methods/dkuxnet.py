@@ -25,6 +25,7 @@ from ..distributed import global_mean
 from ..losses import weighted_cross_entropy
 from ..networks.kmax import GROUPS
 from .base import Batch, Method, MethodOptions, ramp
+from .views import confident_voxels, strong_view
 
 LOG_FLOOR = 1e-8
 
@@ -76,29 +77,8 @@ def confident_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, mask: 
     """CE of ``student`` logits ``(B, C, *spatial)`` against the arg-max of ``teacher``'s (detached)
     where its softmax confidence reaches ``threshold`` inside ``mask`` ``(B, *spatial)``; 0 where
     no voxel qualifies. Returns (loss, share of the mask's voxels that qualified)."""
-    with torch.no_grad():
-        confidence, pseudo = torch.softmax(teacher.float(), 1).max(1)
-        keep = mask * (confidence >= threshold)
-        share = keep.sum() / mask.sum().clamp_min(1)
-    return weighted_cross_entropy(student, pseudo, None, keep), share
-
-
-def strong_view(image: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-    """``(B, 1, Z, Y, X)`` -> the same crops with random contrast (x 0.75-1.25), brightness
-    (+- 0.25 SD), Gaussian noise (0.1 SD) and one cut-out box (a quarter of each side, filled
-    with the crop's mean) per crop. Voxel-aligned with the input (no geometric change)."""
-    b = image.shape[0]
-    std = image.flatten(1).std(1).view(b, 1, 1, 1, 1).clamp_min(1e-6)
-    mean = image.flatten(1).mean(1).view(b, 1, 1, 1, 1)
-    uniform = torch.rand((b, 2, 1, 1, 1), device=image.device, dtype=image.dtype) * 2 - 1
-    contrast, brightness = 1 + 0.25 * strength * uniform[:, :1], 0.25 * strength * uniform[:, 1:] * std
-    out = (image - mean) * contrast + mean + brightness
-    out = out + 0.1 * strength * std * torch.randn_like(image)
-    sides = [max(1, n // 4) for n in image.shape[2:]]
-    corners = torch.rand((b, 3)) * torch.tensor([n - s + 1 for n, s in zip(image.shape[2:], sides)])
-    for i, (z, y, x) in enumerate(corners.long().tolist()):
-        out[i, :, z:z + sides[0], y:y + sides[1], x:x + sides[2]] = mean[i]
-    return out
+    keep, share = confident_voxels(teacher, mask, threshold)
+    return weighted_cross_entropy(student, teacher.detach().argmax(1), None, keep), share
 
 
 class DualKMax(Method):
