@@ -100,6 +100,30 @@ def test_network_pads_to_16_and_crops_back(size):
     assert network.divisor == 16 and network.feature_channels == 4
 
 
+def test_deep_supervision_heads_see_the_labels_at_their_resolution_and_cost_nothing_at_inference():
+    torch.manual_seed(0)
+    network = build_network({**TINY, "out_channels": 3, "deep_supervision": 2}).train()
+    logits, _ = network(torch.randn(2, 1, *ODD))
+    assert [tuple(d.shape) for d in network.deep_logits] == [(2, 3, 9, 12, 15), (2, 3, 5, 6, 8)]
+    # L_seg reads the coarse heads: each receives a gradient from the labeled crops
+    labels = torch.zeros(2, *ODD, dtype=torch.long)
+    labels[:, 4:12, 5:15, 6:20] = 1
+    labels[1, 10:16, 2:8, 2:9] = 2
+    batch = methods.Batch(torch.randn(2, 1, *ODD), labels, torch.ones(2, 3, dtype=torch.bool),
+                          torch.zeros(2, 3, dtype=torch.bool))
+    torch.manual_seed(0)
+    method = methods.build_method("supervised", {**TINY, "deep_supervision": 2}, 3, methods.MethodOptions(), 10)
+    method(batch, 5)["total"].backward()
+    for head in method.networks["A"].deep_heads:
+        assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    network.eval()
+    with torch.no_grad():
+        assert network(torch.randn(1, 1, *ODD))[0].shape == (1, 3, *ODD)
+    assert network.deep_logits == [] and build_network(network.config()).deep_supervision == 2
+    with pytest.raises(ValueError, match="deep_supervision 4 must be in 0..3"):
+        build_network({**TINY, "deep_supervision": 4})
+
+
 def test_network_description_rebuilds_the_same_network():
     network = tiny_network(4)
     rebuilt = build_network(network.config())

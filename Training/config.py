@@ -37,6 +37,7 @@ class UXNetConfig:
     layers_per_scale: int = 2  # k-means cross-attention layers at each of 1/8, 1/4, 1/2
     heads: int = 4
     layer_scale: float = 1e-6
+    deep_supervision: int = 0  # 1x1x1 heads on the decoder maps at 1/2 (, 1/4, 1/8) in L_seg
 
 
 @dataclass
@@ -348,6 +349,9 @@ def check(config: TrainConfig) -> None:
     u = config.network.uxnet
     if len(u.depths) != 4 or len(u.widths) != 4 or min(u.depths + u.widths) < 1:
         raise ConfigError(f"network.uxnet.depths {u.depths} and widths {u.widths} must be four positive numbers each")
+    if not 0 <= u.deep_supervision <= 3:
+        raise ConfigError(f"network.uxnet.deep_supervision {u.deep_supervision} must be in 0..3 "
+                          "(heads on the decoder maps at 1/2, 1/4, 1/8)")
     if u.query_dim % u.heads or u.queries < 3:
         raise ConfigError(f"network.uxnet: query_dim {u.query_dim} must be divisible by heads {u.heads}, and "
                           f"queries {u.queries} at least 3 (one per cluster-assignment group)")

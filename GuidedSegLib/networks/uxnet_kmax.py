@@ -34,13 +34,20 @@ class UXNetKMaX(nn.Module):
     features ``(B, widths[0], Z, Y, X)``: the last CNN decoder block, which the GuidedNet objective's
     mixture models); :meth:`forward_with_assignment` also returns the cluster assignment
     ``(B, 3, Z, Y, X)`` (probabilities over background / organ / further classes).
+
+    ``deep_supervision`` d > 0 adds a 1x1x1 head to each of the d CNN decoder maps below full
+    resolution (1/2, then 1/4, then 1/8), as :class:`~.unet.UNet3D` does: in training mode each call
+    leaves their logits in ``deep_logits``, ``[(B, out_channels, ceil(Z/2), ...), ...]``, cropped
+    like the outputs; in eval mode, and with d = 0, it is empty.
     Paper scale: depths [2, 2, 2, 2], widths [48, 96, 192, 384], 128 queries of dimension 256.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 2, depths: Sequence[int] = (2, 2, 2, 2),
                  widths: Sequence[int] = (48, 96, 192, 384), queries: int = 128, query_dim: int = 256,
-                 layers_per_scale: int = 2, heads: int = 8, layer_scale: float = 1e-6):
+                 layers_per_scale: int = 2, heads: int = 8, layer_scale: float = 1e-6, deep_supervision: int = 0):
         super().__init__()
+        if not 0 <= deep_supervision <= 3:
+            raise ValueError(f"deep_supervision {deep_supervision} must be in 0..3 (the decoder maps at 1/2, 1/4, 1/8)")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.depths, self.widths = [int(d) for d in depths], [int(w) for w in widths]
         self.queries, self.query_dim, self.layers_per_scale, self.heads = queries, query_dim, layers_per_scale, heads
@@ -50,6 +57,10 @@ class UXNetKMaX(nn.Module):
         # the decoder maps at 1/8, 1/4 and 1/2 carry widths[3], widths[2], widths[1] channels
         self.kmax = KMaXDecoder(self.widths[3:0:-1], self.widths[0], out_channels, queries, query_dim,
                                 layers_per_scale, heads)
+        self.deep_supervision = int(deep_supervision)
+        self.deep_heads = nn.ModuleList([nn.Conv3d(self.widths[s], out_channels, 1)
+                                         for s in range(1, self.deep_supervision + 1)])
+        self.deep_logits: list[torch.Tensor] = []
 
     @property
     def divisor(self) -> int:
@@ -67,6 +78,12 @@ class UXNetKMaX(nn.Module):
         maps = self.decoder(padded, self.encoder(padded))
         features = maps[-1]
         logits, assignment = self.kmax(maps[:-1], features)
+        deep = []
+        if self.training:
+            for s, head in enumerate(self.deep_heads, start=1):  # maps[-1 - s] is at 1/2**s
+                size = [-(-n // 2 ** s) for n in (z, y, w)]
+                deep.append(head(maps[-1 - s])[:, :, :size[0], :size[1], :size[2]])
+        self.deep_logits = deep
         return tuple(t[:, :, :z, :y, :w] for t in (logits, features, assignment))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,4 +95,4 @@ class UXNetKMaX(nn.Module):
         return {"architecture": "uxnet-kmax", "in_channels": self.in_channels, "out_channels": self.out_channels,
                 "depths": list(self.depths), "widths": list(self.widths), "queries": self.queries,
                 "query_dim": self.query_dim, "layers_per_scale": self.layers_per_scale, "heads": self.heads,
-                "layer_scale": self.layer_scale}
+                "layer_scale": self.layer_scale, "deep_supervision": self.deep_supervision}
