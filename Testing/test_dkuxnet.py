@@ -322,6 +322,52 @@ def test_dkuxnet_bundle_segments_through_the_predictor_and_the_cli(dkuxnet_run, 
     assert np.array_equal(sitk.GetArrayFromImage(read_image(out)), sitk.GetArrayFromImage(label))
 
 
+
+def test_the_panel_lists_a_dkuxnet_bundle_and_segments_with_it(dkuxnet_run, three_organ_store, tmp_path, mrml):
+    """The Slicer panel's logic (slicer-core's MRML, the real CLI in a child process) offers the
+    bundle as a DK-UXNet model and puts its organs into the scene as segments."""
+    import shutil
+    import time
+
+    sys.path.insert(0, str(ROOT / "GuidedSeg"))
+    from GuidedSegPanel import nodes
+    from GuidedSegPanel.logic import PanelLogic
+
+    from GuidedSegLib.imageio import read_image
+    from GuidedSegLib.store import CaseStore
+
+    models = tmp_path / "models"
+    shutil.copytree(dkuxnet_run / "bundle", models / "dk")
+    scene, segmentations_logic = mrml
+    (tmp_path / "work").mkdir()
+    logic = PanelLogic(scene, segmentations_logic, python=sys.executable, work_root=tmp_path / "work")
+    logic.set_models_folder(models)
+    listed = logic.refresh_models()
+    assert len(listed) == 1, [info.title() for info in listed]
+    info = listed[0]
+    assert info.usable and info.method == "dkuxnet" and "dkuxnet" in info.title(), info.title()
+    assert info.networks == ("A", "B")
+    case = CaseStore(three_organ_store).cases("labeled")[0]
+    logic.parameters.input_volume = nodes.image_to_volume(read_image(case.image), scene, "phantom")
+    logic.parameters.model = str(models / "dk")
+    logic.start_segment()
+    updates, deadline = [], time.monotonic() + 300
+    while not any(u.finished for u in updates):
+        assert time.monotonic() < deadline, "the panel's segmentation did not finish in 5 minutes"
+        updates += logic.poll()
+        time.sleep(0.05)
+    final = updates[-1]
+    assert final.ok, final.error
+    names = sorted(name for _, name in nodes.segments(final.result))
+    assert names == ["kidney", "liver", "spleen"]
+    volume = logic.parameters.input_volume
+    voxels = {name: int(np.count_nonzero(nodes.segment_mask(final.result, sid, volume, logic.segmentations_logic,
+                                                             logic.scene)))
+              for sid, name in nodes.segments(final.result)}
+    print("voxels per segment:", voxels)
+    assert sum(voxels.values()) > 0, "the panel's segmentation is empty"
+
+
 SMALL = ["--method", "dkuxnet", "--device", "cpu", "--progress", "json", "network.uxnet.widths=[4,8,8,8]",
          "network.uxnet.depths=[1,1,1,1]", "network.uxnet.layers_per_scale=1",
          "network.uxnet.queries=6", "network.uxnet.query_dim=8", "network.uxnet.heads=2", "data.patch=[32,32,32]",
