@@ -342,6 +342,20 @@ def test_a_run_saved_before_deep_supervision_existed_resumes_without_coarse_head
     assert resume_config(tmp_path).network.deep_supervision == 0
 
 
+def test_a_dkuxnet_run_saved_before_uxnet_deep_supervision_existed_resumes_without_coarse_heads(tmp_path):
+    """New DK-UXNet runs get UX-Net deep supervision 2 by default; one saved before the key existed
+    had none, and resuming it must not grow heads its checkpoint lacks."""
+    import yaml
+
+    from Training.config import resume_config
+
+    assert load_config(None, ["method=dkuxnet"]).network.uxnet.deep_supervision == 2
+    saved = load_config(None, [f"output={tmp_path}", "method=dkuxnet"]).to_dict()
+    del saved["network"]["uxnet"]["deep_supervision"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert resume_config(tmp_path).network.uxnet.deep_supervision == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # crops and mirroring
 

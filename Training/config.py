@@ -38,7 +38,7 @@ class UXNetConfig:
     heads: int = 4
     layer_scale: float = 1e-6
     # 1x1x1 heads on the CNN decoder maps at 1/2 (, 1/4, 1/8) in L_seg. 2: DK-UXNet on la-mri 10 %
-    # scored 83.6 +- 0.8 test Dice over 3 seeds against 82.7 +- 0.8 with 0, higher on every seed
+    # scored 83.6 +- 0.8 test Dice over 3 seeds against 82.7 +- 0.9 with 0, higher on every seed
     # (Testing/BENCHMARKS.md, issue 21). The paper's network has none (configs/dkuxnet.yaml).
     deep_supervision: int = 2
 
