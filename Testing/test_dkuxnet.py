@@ -322,7 +322,6 @@ def test_dkuxnet_bundle_segments_through_the_predictor_and_the_cli(dkuxnet_run, 
     assert np.array_equal(sitk.GetArrayFromImage(read_image(out)), sitk.GetArrayFromImage(label))
 
 
-
 def test_the_panel_lists_a_dkuxnet_bundle_and_segments_with_it(dkuxnet_run, three_organ_store, tmp_path, mrml):
     """The Slicer panel's logic (slicer-core's MRML, the real CLI in a child process) offers the
     bundle as a DK-UXNet model and puts its organs into the scene as segments."""
