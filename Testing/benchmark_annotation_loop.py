@@ -40,7 +40,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,7 @@ from GuidedSegLib.store import CaseStore  # noqa: E402
 COLUMNS = ["dataset", "strategy", "method", "start", "round", "labeled", "seed", "case", "organ", "dice",
            "effort_voxels", "wall_s", "slices_touched", "train_s"]
 SOURCE = "simulated annotator (benchmark_annotation_loop)"
+_CSV_LOCK = threading.Lock()
 
 
 def base_store(args) -> tuple[Path, str, str]:
@@ -80,9 +83,11 @@ def base_store(args) -> tuple[Path, str, str]:
     return target, args.dataset.resolve().name, "referencesUnlabeled"
 
 
-def train(args, store: Path, output: Path, method: str, seed: int, parent: Path | None, iterations: int) -> float:
+def train(args, store: Path, output: Path, method: str, seed: int, parent: Path | None, iterations: int,
+          threads: int = 0) -> float:
     """Train (or fine-tune from ``parent``) into ``output``; resumes a stopped run. The training's
-    wall seconds, summed over its resumptions (kept in ``output/train_seconds.json``)."""
+    wall seconds, summed over its resumptions (kept in ``output/train_seconds.json``). ``threads``
+    (0: leave as is) caps the training's torch/OpenMP threads."""
     record = output / "train_seconds.json"
     spent = json.loads(record.read_text())["seconds"] if record.exists() else 0.0
     if (output / "bundle" / "model.json").exists():
@@ -99,10 +104,13 @@ def train(args, store: Path, output: Path, method: str, seed: int, parent: Path 
     if (output / "checkpoint.pt").exists():
         command.append("--resume")
     output.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if threads:
+        env.update({key: str(threads) for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
     began = time.monotonic()
     with open(output.parent / f"{output.name}.log", "a") as log:
         print(f"{time.strftime('%H:%M:%S')} {' '.join(command)}", flush=True)
-        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     spent += time.monotonic() - began
     _write_json(record, {"seconds": spent})
     if code:
@@ -122,8 +130,21 @@ def dice_rows(bundle: Path, store: CaseStore, common: dict) -> list[dict]:
             for organ, values in sorted(scores.items()) for d, _, case, *_ in values]
 
 
+def first_round(args, base: Path, dataset: str, method: str, seed: int) -> Path:
+    """Round 0, the model on the ``--start`` labeled cases, shared by every arm of this method and
+    seed (trained with every arm's threads, before the arms start); its bundle."""
+    first = args.work / f"round0-{method}-seed{seed}"
+    bundle = first / "run" / "bundle"
+    if not (first / "done.json").exists():
+        seconds = train(args, base, first / "run", method, seed, None, args.iterations, args.threads * args.jobs)
+        common = {"dataset": dataset, "strategy": "", "method": method, "seed": seed, "round": 0,
+                  "labeled": args.start, "wall_s": f"{seconds:.1f}", "train_s": f"{seconds:.1f}"}
+        _write_json(first / "done.json", {"rows": dice_rows(bundle, CaseStore(base), common), "wall_s": seconds})
+    return bundle
+
+
 def run_arm(args, base: Path, dataset: str, truth: str, strategy: str, method: str, seed: int) -> None:
-    """Every round of one arm, skipping those with a done.json."""
+    """Every round of one arm after round 0, skipping those with a done.json."""
     from GuidedSegLib.inference import Predictor
     from GuidedSegLib.suggest import suggest
 
@@ -133,14 +154,7 @@ def run_arm(args, base: Path, dataset: str, truth: str, strategy: str, method: s
         shutil.copytree(base, arm / ".partial-store", dirs_exist_ok=True)
         os.replace(arm / ".partial-store", store_root)
     common = {"dataset": dataset, "strategy": strategy, "method": method, "seed": seed}
-    # round 0: the model on the starting labeled cases, shared by every arm of this method and seed
-    first = args.work / f"round0-{method}-seed{seed}"
-    bundle = first / "run" / "bundle"
-    if not (first / "done.json").exists():
-        seconds = train(args, base, first / "run", method, seed, None, args.iterations)
-        rows = dice_rows(bundle, CaseStore(base), {**common, "round": 0, "labeled": args.start, "wall_s": f"{seconds:.1f}",
-                                                   "train_s": f"{seconds:.1f}"})
-        _write_json(first / "done.json", {"rows": rows, "wall_s": seconds})
+    bundle = first_round(args, base, dataset, method, seed)
     for r in range(1, args.rounds + 1):
         folder = arm / f"round{r}"
         previous = bundle
@@ -179,7 +193,7 @@ def run_arm(args, base: Path, dataset: str, truth: str, strategy: str, method: s
             trainings.append(("scratch", folder / "scratch-run", None, args.iterations))
         rows = []
         for start, output, parent, iterations in trainings:
-            seconds = train(args, store_root, output, method, seed, parent, iterations)
+            seconds = train(args, store_root, output, method, seed, parent, iterations, args.threads)
             start_common = {**common, "start": start, "round": r, "labeled": labeled,
                             "wall_s": f"{selecting + seconds:.1f}", "train_s": f"{seconds:.1f}"}
             rows += dice_rows(output / "bundle", CaseStore(store_root), start_common)
@@ -223,28 +237,37 @@ def collected_rows(args) -> list[dict]:
     return list(unique.values())
 
 
+def csv_rows(args, dataset: str | None = None) -> list[dict]:
+    """The rows already in ``--csv`` (of one dataset, if given)."""
+    if not args.csv.exists():
+        return []
+    with open(args.csv, newline="") as handle:
+        return [r for r in csv.DictReader(handle) if dataset is None or r["dataset"] == dataset]
+
+
 def write_csv(args, dataset: str) -> None:
-    """This dataset's rows from every finished round, with the other datasets' rows kept."""
-    kept = []
-    if args.csv.exists():
-        with open(args.csv, newline="") as handle:
-            kept = [r for r in csv.DictReader(handle) if r["dataset"] != dataset]
-    rows = [r for r in collected_rows(args) if r["dataset"] == dataset]
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.csv) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(kept + rows)
+    """This run's rows (this dataset, this run's methods) from every finished round; every other
+    row of the file is kept, so runs of other datasets or methods, from other work folders, add up."""
+    methods = args.methods.split(",")
+    with _CSV_LOCK:
+        kept = [r for r in csv_rows(args) if r["dataset"] != dataset or r["method"] not in methods]
+        rows = [r for r in collected_rows(args) if r["dataset"] == dataset]
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(args.csv) as tmp, open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(kept + rows)
 
 
 def plot(args, dataset: str) -> list[Path]:
-    """Mean test Dice against labeled cases, and mean effort against round, one line per arm."""
+    """Mean test Dice against labeled cases, and mean effort against round, one line per arm of
+    every method in ``--csv`` for this dataset."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in collected_rows(args) if r["dataset"] == dataset]
+    rows = csv_rows(args, dataset)
     arms = sorted({(r["strategy"], r["method"], r["start"], r["seed"]) for r in rows})
     out = []
     for name, x_key, value, ylabel in (("dice", "labeled", "dice", "mean test Dice"),
@@ -294,8 +317,8 @@ def labeled_to_reach(curve: dict[int, float], target: float) -> float | None:
 def report(args, dataset: str) -> str:
     """The issue's two questions, answered from the rows: does disagreement reach random's final
     Dice with at least 30 % fewer labeled cases, and does a warm start reach the from-scratch Dice
-    in a third of the time or less."""
-    rows = [r for r in collected_rows(args) if r["dataset"] == dataset]
+    in a third of the time or less (every method in ``--csv`` for this dataset)."""
+    rows = csv_rows(args, dataset)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["seed"], r["strategy"], r["start"], int(r["round"]), int(r["labeled"])),
@@ -358,6 +381,9 @@ def main() -> int:
                         help="rounds (comma-separated, or 'all') at which a model is also trained from scratch on "
                              "the warm arm's labeled cases (default: none)")
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="arms run at once after their round 0 (round 0 trains alone, with jobs x threads)")
+    parser.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads per training (0: leave as is)")
     parser.add_argument("--csv", type=Path, default=ROOT / "Testing" / "results" / "annotation-loop.csv")
     parser.add_argument("--plots", type=Path, help="folder of the PNGs (default: beside the CSV)")
     args = parser.parse_args()
@@ -365,12 +391,22 @@ def main() -> int:
     args.plots = args.plots or args.csv.parent
     args.scratch_rounds = (set(range(1, args.rounds + 1)) if args.scratch_rounds == "all"
                            else {int(r) for r in args.scratch_rounds.split(",") if r})
+    if args.jobs > 1 and not args.threads:
+        parser.error("--jobs needs --threads, so that the arms running at once do not oversubscribe the cores")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # the in-process ranking and drafts
     base, dataset, truth = base_store(args)
     began = time.monotonic()
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for method in args.methods.split(","):
-            for strategy in args.strategies.split(","):
-                run_arm(args, base, dataset, truth, strategy, method, seed)
+    seeds, methods = [int(s) for s in args.seeds.split(",")], args.methods.split(",")
+    for seed in seeds:
+        for method in methods:
+            first_round(args, base, dataset, method, seed)
+    arms = [(strategy, method, seed) for seed in seeds for method in methods for strategy in args.strategies.split(",")]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for done in [pool.submit(run_arm, args, base, dataset, truth, *arm) for arm in arms]:
+            done.result()
     write_csv(args, dataset)
     for path in plot(args, dataset):
         print(f"plot: {path}")
