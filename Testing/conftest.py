@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,17 @@ def skip_without_qt_panel():
         raise ImportError(f"PySide6 is installed but Qt does not load ({error}); on Debian/Ubuntu install "
                           "libegl1 libgl1 libxkbcommon0 libfontconfig1 libdbus-1-3") from error
     return slicer
+
+
+def run_until_finished(logic, task: str, timeout: float = 30.0) -> list:
+    """Poll a panel logic until its ``task`` job finishes; every update, in order."""
+    updates = []
+    deadline = time.monotonic() + timeout
+    while not any(u.finished and u.task == task for u in updates):
+        assert time.monotonic() < deadline, f"the panel's {task} did not finish in {timeout:.0f} s"
+        updates += logic.poll()
+        time.sleep(0.02)
+    return updates
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -24,6 +24,7 @@ from GuidedSegLib.networks import build_network
 from GuidedSegLib.networks.kmax import KMaXDecoder, KMaXLayer, KMeansCrossAttention, hard_assignment, query_groups
 from GuidedSegLib.networks.uxnet import ChannelLayerNorm, UNETRDecoder, UXBlock, UXNetEncoder
 from GuidedSegLib.networks.uxnet_kmax import UXNetKMaX, pad_to_multiple
+from conftest import run_until_finished
 from test_objectives import CASES, K_M, check_finite, make_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,7 +327,6 @@ def test_the_panel_lists_a_dkuxnet_bundle_and_segments_with_it(dkuxnet_run, thre
     """The Slicer panel's logic (slicer-core's MRML, the real CLI in a child process) offers the
     bundle as a DK-UXNet model and puts its organs into the scene as segments."""
     import shutil
-    import time
 
     sys.path.insert(0, str(ROOT / "GuidedSeg"))
     from GuidedSegPanel import nodes
@@ -350,12 +350,7 @@ def test_the_panel_lists_a_dkuxnet_bundle_and_segments_with_it(dkuxnet_run, thre
     logic.parameters.input_volume = nodes.image_to_volume(read_image(case.image), scene, "phantom")
     logic.parameters.model = str(models / "dk")
     logic.start_segment()
-    updates, deadline = [], time.monotonic() + 300
-    while not any(u.finished for u in updates):
-        assert time.monotonic() < deadline, "the panel's segmentation did not finish in 5 minutes"
-        updates += logic.poll()
-        time.sleep(0.05)
-    final = updates[-1]
+    final = run_until_finished(logic, "segment", timeout=300)[-1]
     assert final.ok, final.error
     names = sorted(name for _, name in nodes.segments(final.result))
     assert names == ["kidney", "liver", "spleen"]

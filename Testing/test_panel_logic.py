@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import oblique_case
+from conftest import oblique_case, run_until_finished
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GuidedSeg"))
 
@@ -107,16 +107,6 @@ def panel(tmp_path, mrml, monkeypatch):
     logic.set_models_folder(models_folder)
     volume = nodes.image_to_volume(image, scene, "abdomen")
     return logic, volume, image, label, work
-
-
-def run_until_finished(logic, task, timeout=30.0):
-    updates = []
-    deadline = time.monotonic() + timeout
-    while not any(u.finished and u.task == task for u in updates):
-        assert time.monotonic() < deadline, f"{task} did not finish"
-        updates += logic.poll()
-        time.sleep(0.02)
-    return updates
 
 
 def test_models_folder_lists_bundles_with_labels_and_validation_dice(tmp_path, panel):

@@ -7,11 +7,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_until_finished
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GuidedSeg"))
 
@@ -54,20 +54,11 @@ def setup(tmp_path_factory, mrml):
     return logic, tmp
 
 
-def finish(logic, task="segment", timeout=240):
-    updates, deadline = [], time.monotonic() + timeout
-    while not any(u.finished for u in updates):
-        assert time.monotonic() < deadline
-        updates += logic.poll()
-        time.sleep(0.05)
-    return updates
-
-
 def test_segment_with_the_real_cli_gives_the_bundles_segments(setup):
     logic, _ = setup
     logic.parameters.model = str(Path(logic.models_folder) / "tiny")
     job = logic.start_segment()
-    updates = finish(logic)
+    updates = run_until_finished(logic, "segment", timeout=240)
     final = updates[-1]
     assert final.ok, final.error
     stages = [u.text for u in updates if u.text and not u.finished]
@@ -93,7 +84,7 @@ def test_a_broken_bundle_reads_as_one_line_naming_it(setup):
     logic.refresh_models()
     logic.parameters.model = str(broken)
     logic.start_segment()
-    final = finish(logic)[-1]
+    final = run_until_finished(logic, "segment", timeout=240)[-1]
     assert not final.ok
     assert final.error.startswith("guidedseg: error: ") and "broken" in final.error and "\n" not in final.error
     assert not list((tmp / "work").glob("segment-*"))  # a failed run leaves nothing behind either
