@@ -246,12 +246,15 @@ def csv_rows(args, dataset: str | None = None) -> list[dict]:
 
 
 def write_csv(args, dataset: str) -> None:
-    """This run's rows (this dataset, this run's methods) from every finished round; every other
-    row of the file is kept, so runs of other datasets or methods, from other work folders, add up."""
-    methods = args.methods.split(",")
+    """This run's rows (this dataset, this run's methods and seeds) from every finished round; every
+    other row of the file is kept, so runs of other datasets, methods or seeds, from other work
+    folders, add up."""
+    methods, seeds = args.methods.split(","), args.seeds.split(",")
     with _CSV_LOCK:
-        kept = [r for r in csv_rows(args) if r["dataset"] != dataset or r["method"] not in methods]
-        rows = [r for r in collected_rows(args) if r["dataset"] == dataset]
+        kept = [r for r in csv_rows(args)
+                if r["dataset"] != dataset or r["method"] not in methods or str(r["seed"]) not in seeds]
+        rows = [r for r in collected_rows(args)
+                if r["dataset"] == dataset and r["method"] in methods and str(r["seed"]) in seeds]
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(args.csv) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
