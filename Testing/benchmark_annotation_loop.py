@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "Testing"))
 
-from benchmark_methods import derived_store, evaluate  # noqa: E402
+from benchmark_methods import derived_store, evaluate, thread_env  # noqa: E402
 
 from GuidedSegLib.imageio import atomic_path, read_image  # noqa: E402
 from GuidedSegLib.store import CaseStore  # noqa: E402
@@ -104,9 +104,7 @@ def train(args, store: Path, output: Path, method: str, seed: int, parent: Path 
     if (output / "checkpoint.pt").exists():
         command.append("--resume")
     output.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    if threads:
-        env.update({key: str(threads) for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+    env = thread_env(threads)
     began = time.monotonic()
     with open(output.parent / f"{output.name}.log", "a") as log:
         print(f"{time.strftime('%H:%M:%S')} {' '.join(command)}", flush=True)

@@ -88,6 +88,15 @@ def resample(image: sitk.Image, label: sitk.Image | None, spacing) -> tuple[sitk
     return coarse, out
 
 
+def thread_env(threads: int) -> dict:
+    """This process's environment with the torch/OpenMP threads of a child training capped at
+    ``threads`` (0: left as is)."""
+    env = dict(os.environ)
+    if threads:
+        env.update({key: str(threads) for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+    return env
+
+
 def derived_store(source: Path, target: Path, fraction: float, spacing=None, labeled_ids=None) -> Path:
     """A store from a Decathlon set with ``labeled_ids`` labeled (default: ``fraction`` of its
     training cases, chosen by a hash of the case id), the others as unlabeled images (their
@@ -243,10 +252,8 @@ def main() -> int:
     store = CaseStore(root)
     dataset = args.dataset.resolve().name if args.dataset else "phantoms"
     truth = "referencesUnlabeled" if args.dataset else "phantomTruth"
-    env = dict(os.environ)
+    env = thread_env(args.threads)
     if args.threads:
-        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            env[key] = str(args.threads)
         torch.set_num_threads(args.threads)
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
     from GuidedSegLib.methods import METHODS
