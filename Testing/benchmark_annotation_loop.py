@@ -278,10 +278,14 @@ def plot(args, dataset: str) -> list[Path]:
             points = {}
             for r in rows:
                 if (r["strategy"], r["method"], r["start"], r["seed"]) == arm and str(r.get(value, "")) != "":
-                    points.setdefault(int(r[x_key]), []).append(float(r[value]))
+                    points.setdefault(int(r[x_key]), []).append(r)
             if points:
                 xs = sorted(points)
-                axis.plot(xs, [np.mean(points[x]) for x in xs], "o-", label=" / ".join(map(str, arm)))
+                # Dice as the report and the issue score it (organs weigh alike, whatever their
+                # number of annotated test cases); effort per corrected case
+                ys = [mean_dice(points[x]) if value == "dice" else np.mean([float(r[value]) for r in points[x]])
+                      for x in xs]
+                axis.plot(xs, ys, "o-", label=" / ".join(map(str, arm)))
         axis.set_xlabel("labeled cases" if x_key == "labeled" else "round")
         axis.set_ylabel(ylabel)
         axis.set_title(f"{dataset}: annotation loop")
