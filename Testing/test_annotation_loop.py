@@ -123,6 +123,38 @@ def test_a_bundle_made_before_deep_supervision_fine_tunes_without_coarse_heads(t
     assert child["network"]["deep_supervision"] == 0
 
 
+def test_an_organ_the_parent_never_learned_grows_the_head_once_a_labeled_case_annotates_it(tmp_path):
+    """Round 0's cases annotate no kidney, so the parent has no kidney channel; once a corrected
+    case annotates it, the warm start adds the channel and keeps every other class's weights."""
+    from safetensors.torch import load_file
+
+    store = CaseStore.create(tmp_path / "store", THREE_ORGANS)
+    for i in range(2):
+        store.add_labeled(*three_organ_phantom(740 + i), f"c{i}", annotated=["liver", "spleen"])
+    tiny = ["network.widths=[4,8,16,32]", "network.feature_layer=3", "data.patch=[32,48,48]",
+            "validation.fraction=0", "checkpoint_every=1000", f"data.cache={tmp_path / 'cache'}"]
+    done = train("--store", store.root, "--output", tmp_path / "parent", "--method", "supervised",
+                 "optim.iterations=3", *tiny)
+    assert done.returncode == 0, done.stderr
+    parent = json.loads((tmp_path / "parent" / "bundle" / "model.json").read_text())
+    assert parent["training"]["not_trained"] == {"3": "kidney"} and "3" not in parent["labels"]
+
+    store.ingest_label("c1", three_organ_phantom(741)[1], source="corrected (test)")  # now with the kidney
+    done = train("--init-from", tmp_path / "parent" / "bundle", "--store", store.root, "--output", tmp_path / "child",
+                 "--method", "supervised", "optim.iterations=2", "optim.lr=1e-12", *tiny)
+    assert done.returncode == 0, done.stderr
+    assert "the head grows by kidney (annotated in 1 labeled case, never by the parent's)" in done.stdout + done.stderr
+    child = json.loads((tmp_path / "child" / "bundle" / "model.json").read_text())
+    assert [int(v) for v in child["labels"]] == [0, 1, 2, 3] and not child["training"]["not_trained"]
+    before = load_file(str(tmp_path / "parent" / "bundle" / "weights.safetensors"))
+    after = load_file(str(tmp_path / "child" / "bundle" / "weights.safetensors"))
+    heads = [k for k in before if before[k].shape[0] == 3 and ("head" in k)]
+    assert heads and all(after[k].shape[0] == 4 for k in heads)
+    for key in heads:  # background, liver, spleen keep the parent's weights (lr 1e-12: no step moves them)
+        assert np.allclose(after[key][:3].numpy(), before[key].numpy(), atol=1e-6), key
+    assert all(np.allclose(after[k].numpy(), before[k].numpy(), atol=1e-6) for k in before if k not in heads)
+
+
 def cli_output(argv, capsys=None) -> str:
     done = subprocess.run([sys.executable, "-m", "GuidedSegLib.cli", *argv], capture_output=True,
                           encoding="utf-8", cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})

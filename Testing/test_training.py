@@ -331,6 +331,15 @@ def test_config_typo_is_refused_by_the_command(tmp_path):
         load_config(None, ["method=dkuxnet", "network.deep_supervision=2"])
 
 
+def test_a_learning_rate_in_exponent_form_is_a_number_and_a_word_is_refused():
+    # YAML 1.1 reads 1e-4 (no dot) as a string: the command line and config files must still take it
+    assert load_config(None, ["optim.lr=1e-4"]).optim.lr == 1e-4
+    with pytest.raises(ConfigError, match="setting 'optim.lr' must be a number, not 'fast'"):
+        load_config(None, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="setting 'optim.lr' must be a number, not nan"):
+        load_config(None, ["optim.lr=nan"])
+
+
 def test_a_run_saved_before_deep_supervision_existed_resumes_without_coarse_heads(tmp_path):
     import yaml
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -413,7 +414,12 @@ def _coerce(value, kind, key: str):
             raise ConfigError(f"setting {key!r} must be a list, not {value!r}")
         return [_coerce(v, item, key) for v in value]
     if kind is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise ConfigError(f"setting {key!r} must be a number, not {value!r}")
         return float(value)
     if kind is bool and not isinstance(value, bool):

@@ -153,8 +153,8 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     if config.uses_unlabeled and not splits.unlabeled and config.data.unlabeled_batch > 0:
         report.message(f"note: {store.root} has no unlabeled case; {config.method} learns from labeled crops only")
 
-    if parent is not None:  # the bundle's preprocessing and classes (its network's head)
-        plan, class_values = _inherited_plan(config, parent, output, report, rank)
+    if parent is not None:  # the bundle's preprocessing and classes (its network's head, grown by new organs)
+        plan, class_values = _inherited_plan(config, parent, store, labeled_ids, output, resume, report, rank)
     else:
         plan = _plan(config, store, labeled_ids, output, resume, report, rank)
         class_values = _classes(store, labeled_ids, output, resume, report, rank)
@@ -179,7 +179,8 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     torch.manual_seed(config.seed)
     method = build_method(method_name, network_spec, data.num_classes, config.method_options(), config.optim.iterations)
     if parent is not None and not resume:
-        _load_parent_weights(method, config.init_from, report, config.seed)
+        _load_parent_weights(method, config.init_from, report, config.seed,
+                             [int(v) for v in parent["labels"]], class_values)
     divisor = method.networks["A"].divisor
     patch = _patch(config, prepared["train"], plan, divisor)
     unlabeled_batch = config.data.unlabeled_batch if config.uses_unlabeled else 0
@@ -502,27 +503,64 @@ def _parent_bundle(config: TrainConfig, store) -> dict | None:
     return parent
 
 
-def _inherited_plan(config: TrainConfig, parent: dict, output: Path, report: Reporter, rank: int):
+def _inherited_plan(config: TrainConfig, parent: dict, store, labeled_ids, output: Path, resume: bool,
+                    report: Reporter, rank: int):
     """The parent's preprocessing plan (a preset named in data.preprocessing replaces it) and its
-    classes; plan.json and classes.json are written for --resume as a fresh run writes them."""
+    classes, plus every organ the parent never learned (annotated in none of its cases) that a
+    labeled training case now annotates: the head grows by those (``_load_parent_weights``).
+    Without this, an organ missing from round 0's cases could never be learned by a warm start.
+    plan.json and classes.json are written for --resume as a fresh run writes them."""
     name = config.data.preprocessing
     plan = PRESETS[name] if name in PRESETS else PreprocessingPlan.from_dict(parent["preprocessing"])
-    values = [int(v) for v in parent["labels"]]
+    if resume and (output / "classes.json").is_file():
+        return plan, json.loads((output / "classes.json").read_text())["values"]
+    inherited = [int(v) for v in parent["labels"]]
+    not_trained = {int(v): n for v, n in ((parent.get("training") or {}).get("not_trained") or {}).items()}
+    annotating = {v: sum(v in store.annotated_labels(c) for c in labeled_ids) for v in not_trained}
+    grown = {v: n for v, n in annotating.items() if n}
+    values = sorted(inherited + list(grown))
     if rank == 0:
         with atomic_path(output / "plan.json") as tmp:
             tmp.write_text(json.dumps(plan.to_dict(), indent=2))
         with atomic_path(output / "classes.json") as tmp:
-            tmp.write_text(json.dumps({"values": values, "not_trained": (parent.get("training") or {}).get("not_trained") or {}}))
+            tmp.write_text(json.dumps({"values": values, "not_trained": {str(v): n for v, n in not_trained.items()
+                                                                        if v not in grown}}))
         report.message(f"warm start from {config.init_from}: its preprocessing ({plan.source}) and its "
-                       f"{len(values) - 1} organs are kept")
+                       f"{len(inherited) - 1} organs are kept")
+        if grown:
+            report.message("warm start: the head grows by " + ", ".join(
+                f"{not_trained[v]} (annotated in {n} labeled case{'s' if n > 1 else ''}, never by the parent's)"
+                for v, n in grown.items()) + "; the new class starts untrained, the others keep the parent's weights")
     return plan, values
 
 
-def _load_parent_weights(method, folder, report: Reporter, seed: int) -> None:
+def _grown(fresh: dict, parent: dict, inherited: list[int], values: list[int]) -> dict:
+    """``parent``'s state dict on the shapes of ``fresh`` (the method's new network): a tensor with a
+    class axis (``len(inherited)`` in the parent, ``len(values)`` here, e.g. a head's output
+    channels) takes the parent's slices at their classes' places and keeps ``fresh``'s
+    initialisation for the classes the parent lacks. Any other shape difference is left for
+    ``load_state_dict`` to refuse."""
+    if inherited == values:
+        return parent
+    places = torch.tensor([values.index(v) for v in inherited])
+    state = {}
+    for key, weight in parent.items():
+        target = fresh.get(key)
+        differ = [] if target is None else [d for d in range(weight.dim()) if weight.shape[d] != target.shape[d]]
+        if (target is not None and weight.dim() == target.dim() and len(differ) == 1
+                and weight.shape[differ[0]] == len(inherited) and target.shape[differ[0]] == len(values)):
+            weight = target.clone().index_copy_(differ[0], places, weight.to(target.dtype))
+        state[key] = weight
+    return state
+
+
+def _load_parent_weights(method, folder, report: Reporter, seed: int, inherited: list[int],
+                         values: list[int]) -> None:
     """Every network of ``method`` from the bundle: A from A, B from B; a network the bundle lacks
     (B, when a one-network bundle starts a two-network method) from its A, which is said, with
     noise of 5% of each weight tensor's SD added: two identical networks get identical gradients
-    from the symmetric CPS objective and would never become two."""
+    from the symmetric CPS objective and would never become two. Classes in ``values`` that the
+    parent's ``inherited`` lacks keep the new network's initialisation (``_grown``)."""
     from GuidedSegLib.bundle import load_extra_tensors, load_networks
 
     _, networks = load_networks(folder, "cpu")
@@ -532,7 +570,7 @@ def _load_parent_weights(method, folder, report: Reporter, seed: int) -> None:
     for name, network in method.networks.items():
         source = name if name in networks else "A"
         try:
-            network.load_state_dict(networks[source].state_dict())
+            network.load_state_dict(_grown(network.state_dict(), networks[source].state_dict(), inherited, values))
         except RuntimeError as error:
             raise TrainingSetupError(f"{folder}: network {source} does not fit the method's network {name} "
                                      f"({str(error).splitlines()[0]}); a warm start keeps the bundle's network "
