@@ -530,26 +530,38 @@ def _inherited_plan(config: TrainConfig, parent: dict, store, labeled_ids, outpu
         if grown:
             report.message("warm start: the head grows by " + ", ".join(
                 f"{not_trained[v]} (annotated in {n} labeled case{'s' if n > 1 else ''}, never by the parent's)"
-                for v, n in grown.items()) + "; the new class starts untrained, the others keep the parent's weights")
+                for v, n in grown.items()) + "; a new class starts as a copy of background, the others keep the parent's weights")
     return plan, values
 
 
 def _grown(fresh: dict, parent: dict, inherited: list[int], values: list[int]) -> dict:
-    """``parent``'s state dict on the shapes of ``fresh`` (the method's new network): a tensor with a
-    class axis (``len(inherited)`` in the parent, ``len(values)`` here, e.g. a head's output
-    channels) takes the parent's slices at their classes' places and keeps ``fresh``'s
-    initialisation for the classes the parent lacks. Any other shape difference is left for
-    ``load_state_dict`` to refuse."""
+    """``parent``'s state dict on the shapes of ``fresh`` (the method's new network). A tensor with a
+    class axis (``len(inherited)`` in the parent, ``len(values)`` here: a head's output channels)
+    takes the parent's slices at their classes' places, and each new class starts as a copy of
+    background, whose bias it shares: background's and the new classes' biases become
+    b - log(1 + new) (MiB's initialisation, Cermelli et al. 2020). The parent labelled the new
+    organ's voxels background, so at step 0 every old class keeps its probability and the new
+    organ only has to rise above background where it is annotated. Any other shape difference is
+    left for ``load_state_dict`` to refuse."""
     if inherited == values:
         return parent
+    added = [i for i, v in enumerate(values) if v not in inherited]
     places = torch.tensor([values.index(v) for v in inherited])
+    background = values.index(0)
     state = {}
     for key, weight in parent.items():
         target = fresh.get(key)
         differ = [] if target is None else [d for d in range(weight.dim()) if weight.shape[d] != target.shape[d]]
         if (target is not None and weight.dim() == target.dim() and len(differ) == 1
                 and weight.shape[differ[0]] == len(inherited) and target.shape[differ[0]] == len(values)):
-            weight = target.clone().index_copy_(differ[0], places, weight.to(target.dtype))
+            axis = differ[0]
+            weight = target.clone().index_copy_(axis, places, weight.to(target.dtype))
+            source = weight.select(axis, background).clone()
+            if weight.dim() == 1:  # a bias
+                source -= math.log(1 + len(added))
+                weight[background] = source
+            for index in added:
+                weight.select(axis, index).copy_(source)
         state[key] = weight
     return state
 
