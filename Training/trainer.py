@@ -530,7 +530,8 @@ def _inherited_plan(config: TrainConfig, parent: dict, store, labeled_ids, outpu
         if grown:
             report.message("warm start: the head grows by " + ", ".join(
                 f"{not_trained[v]} (annotated in {n} labeled case{'s' if n > 1 else ''}, never by the parent's)"
-                for v, n in grown.items()) + "; a new class starts as a copy of background, the others keep the parent's weights")
+                for v, n in grown.items())
+                + "; a new class starts as a copy of background, the others keep the parent's weights")
     return plan, values
 
 
@@ -572,7 +573,7 @@ def _load_parent_weights(method, folder, report: Reporter, seed: int, inherited:
     (B, when a one-network bundle starts a two-network method) from its A, which is said, with
     noise of 5% of each weight tensor's SD added: two identical networks get identical gradients
     from the symmetric CPS objective and would never become two. Classes in ``values`` that the
-    parent's ``inherited`` lacks keep the new network's initialisation (``_grown``)."""
+    parent's ``inherited`` lacks start as copies of background (``_grown``)."""
     from GuidedSegLib.bundle import load_extra_tensors, load_networks
 
     _, networks = load_networks(folder, "cpu")
