@@ -179,8 +179,7 @@ def _train(config: TrainConfig, resume: bool, report: Reporter, rank: int, world
     torch.manual_seed(config.seed)
     method = build_method(method_name, network_spec, data.num_classes, config.method_options(), config.optim.iterations)
     if parent is not None and not resume:
-        _load_parent_weights(method, config.init_from, report, config.seed,
-                             [int(v) for v in parent["labels"]], class_values)
+        _load_parent_weights(method, config.init_from, report, config.seed, class_values)
     divisor = method.networks["A"].divisor
     patch = _patch(config, prepared["train"], plan, divisor)
     unlabeled_batch = config.data.unlabeled_batch if config.uses_unlabeled else 0
@@ -425,11 +424,7 @@ def _classes(store, labeled_ids, output: Path, resume: bool, report: Reporter, r
             raise TrainingSetupError(f"{store.root}: label values {missing} of the run in {output} are no longer "
                                      "in the store's label set; start a new run instead of --resume")
         return values
-    counts = {v: 0 for v in store.organs}
-    for case_id in labeled_ids:
-        for value in store.annotated_labels(case_id):
-            if value in counts:
-                counts[value] += 1
+    counts = _annotating(store, labeled_ids)
     untrained = {v: store.labels[v] for v, n in counts.items() if n == 0}
     if len(untrained) == len(counts):
         raise TrainingSetupError(f"{store.root}: none of the {len(labeled_ids)} labeled training cases annotates "
@@ -443,6 +438,16 @@ def _classes(store, labeled_ids, output: Path, resume: bool, report: Reporter, r
         with atomic_path(classes_file) as tmp:
             tmp.write_text(json.dumps({"values": values, "not_trained": {str(v): n for v, n in untrained.items()}}))
     return values
+
+
+def _annotating(store, labeled_ids) -> dict[int, int]:
+    """How many of ``labeled_ids`` annotate each of the store's organs."""
+    counts = {v: 0 for v in store.organs}
+    for case_id in labeled_ids:
+        for value in store.annotated_labels(case_id):
+            if value in counts:
+                counts[value] += 1
+    return counts
 
 
 def _validation_fraction(config: TrainConfig, store) -> float | None:
@@ -516,8 +521,8 @@ def _inherited_plan(config: TrainConfig, parent: dict, store, labeled_ids, outpu
         return plan, json.loads((output / "classes.json").read_text())["values"]
     inherited = [int(v) for v in parent["labels"]]
     not_trained = {int(v): n for v, n in ((parent.get("training") or {}).get("not_trained") or {}).items()}
-    annotating = {v: sum(v in store.annotated_labels(c) for c in labeled_ids) for v in not_trained}
-    grown = {v: n for v, n in annotating.items() if n}
+    counts = _annotating(store, labeled_ids)
+    grown = {v: counts[v] for v in not_trained if counts.get(v)}
     values = sorted(inherited + list(grown))
     if rank == 0:
         with atomic_path(output / "plan.json") as tmp:
@@ -567,16 +572,16 @@ def _grown(fresh: dict, parent: dict, inherited: list[int], values: list[int]) -
     return state
 
 
-def _load_parent_weights(method, folder, report: Reporter, seed: int, inherited: list[int],
-                         values: list[int]) -> None:
+def _load_parent_weights(method, folder, report: Reporter, seed: int, values: list[int]) -> None:
     """Every network of ``method`` from the bundle: A from A, B from B; a network the bundle lacks
     (B, when a one-network bundle starts a two-network method) from its A, which is said, with
     noise of 5% of each weight tensor's SD added: two identical networks get identical gradients
     from the symmetric CPS objective and would never become two. Classes in ``values`` that the
-    parent's ``inherited`` lacks start as copies of background (``_grown``)."""
+    parent lacks start as copies of background (``_grown``)."""
     from GuidedSegLib.bundle import load_extra_tensors, load_networks
 
-    _, networks = load_networks(folder, "cpu")
+    metadata, networks = load_networks(folder, "cpu")
+    inherited = [int(v) for v in metadata["labels"]]
     taken = method.load_bundle_tensors(load_extra_tensors(folder))
     if taken:
         report.message(f"warm start: networks {', '.join(taken)} keep the parent's CGMM mixture statistics")
