@@ -130,7 +130,8 @@ def test_planning_follows_the_data_not_the_paper_defaults():
         out = preprocess(image, plan, label)
         values = sitk.GetArrayViewFromImage(out.image)[sitk.GetArrayViewFromImage(out.label) == 1]
         brainstem.append(float(np.median(values)))
-    assert max(brainstem) - min(brainstem) < 0.05, brainstem
+    width = plan.clip[1] - plan.clip[0]  # the brainstem's median HU differs by about 20 HU between these scans
+    assert (max(brainstem) - min(brainstem)) * width < 25.0, (brainstem, plan.clip)
     water = sitk.Image(images[0].GetSize(), sitk.sitkFloat32)  # 0 HU everywhere
     water.CopyInformation(images[0])
     expected = -plan.clip[0] / (plan.clip[1] - plan.clip[0])
@@ -140,12 +141,18 @@ def test_planning_follows_the_data_not_the_paper_defaults():
 
 
 @pytest.mark.shared_data
-def test_planned_ct_window_keeps_soft_tissue_contrast_on_head_and_neck_ct():
+@pytest.mark.parametrize("cases", [
+    ("openkbp_pt_20", "openkbp_pt_45", "openkbp_pt_195"),  # issue 18's 3 labeled cases
+    ("openkbp_pt_176", "openkbp_pt_173"),  # the annotation loop's start: an esophagus over bone
+    ("openkbp_pt_176", "openkbp_pt_173", "openkbp_pt_38", "openkbp_pt_168", "openkbp_pt_187", "openkbp_pt_20",
+     "openkbp_pt_199", "openkbp_pt_154"),  # its round 3: four larynxes, a quarter of their voxels air
+], ids=["issue18-3", "loop-round0-2", "loop-round3-8"])
+def test_planned_ct_window_keeps_soft_tissue_contrast_on_head_and_neck_ct(cases):
     """The soft-tissue organs (brainstem, cord, parotids) must fill a useful share of the input
-    range, not 9% of it as a window stretched to the mandible's bone did; the mandible (bone)
-    still comes out the brightest organ."""
+    range, not 9% of it as a window stretched to the mandible's bone did, nor 6% as one stretched
+    to the air in the larynx did; the mandible (bone) still comes out the brightest organ."""
     root = shared_set("openkbp-hn-ct")
-    names = [root / "imagesTr" / f"{c}.nii.gz" for c in ("openkbp_pt_20", "openkbp_pt_45", "openkbp_pt_195")]
+    names = [root / "imagesTr" / f"{c}.nii.gz" for c in cases]
     images = [read_image(p) for p in names]
     labels = [read_label_map(root / "labelsTr" / p.name).image for p in names]
     plan = plan_from_dataset(images, labels, modality="CT")
