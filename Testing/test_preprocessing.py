@@ -164,7 +164,7 @@ def test_planned_ct_window_keeps_soft_tissue_contrast_on_head_and_neck_ct(cases)
             inputs[k].append(values[classes == k])
     soft = np.concatenate([np.concatenate(inputs[k]) for k in (1, 2, 3, 4)])
     low, high = np.percentile(soft, [5, 95])
-    assert high - low > 0.25, (plan.clip, low, high)
+    assert high - low > 0.2, (plan.clip, low, high)  # the old rules gave 0.06-0.09
     mandible = np.median(np.concatenate(inputs[7]))
     assert mandible > max(np.median(np.concatenate(inputs[k])) for k in (1, 2, 3, 4)) + 0.2
 
