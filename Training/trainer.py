@@ -487,8 +487,8 @@ def _monitor_cases(config: TrainConfig, store, splits) -> list:
 
 def _parent_bundle(config: TrainConfig, store) -> dict | None:
     """The metadata of the bundle to start from (None: train from scratch), checked before anything
-    is written: a format this library reads, a label set equal to the store's (a warm start keeps
-    the network's head, so it cannot learn organs the bundle lacks)."""
+    is written: a format this library reads, and a label set equal to the store's (organs the
+    bundle left untrained count as its labels: ``_inherited_plan`` grows the head by them)."""
     if not config.init_from:
         return None
     from GuidedSegLib.bundle import check_metadata, read_metadata
